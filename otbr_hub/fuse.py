@@ -1,0 +1,128 @@
+"""Stage 4: optimal-transport fusion of the pruned model into the original's neuron order.
+
+For each scored layer from the first one with a pruned neuron onwards, an exact OT plan
+(POT's ``ot.emd``) moves uniform mass on the pruned neurons to NWC-proportional mass on
+the original neurons, with Euclidean cost between flattened filters. The pruned layer is
+first aligned on its *input* axis with the previous layer's plan (when that layer feeds
+this one, i.e. widths match and the conv is not grouped), then mapped through the plan
+and averaged with the original: ``lam * fused + (1 - lam) * original``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import ot
+import torch
+from torch import nn
+
+from .layers import Layer
+
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass
+class FuseResult:
+    """The fused model and a per-layer account of what the fusion did."""
+
+    model: nn.Module
+    lam: float
+    first_layer: str | None
+    fused_layers: list[str] = field(default_factory=list)
+    aligned_layers: list[str] = field(default_factory=list)
+    plan_cost: dict[str, float] = field(default_factory=dict)
+
+
+def target_mass(nwc: np.ndarray) -> np.ndarray:
+    """NWC normalised to a distribution; zeros and non-finite values get a small floor so
+    that ``1 / mass`` stays finite (an all-zero layer becomes uniform)."""
+    v = np.nan_to_num(np.asarray(nwc, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    v = np.clip(v, 0.0, None)
+    total = v.sum()
+    if total <= 0:
+        return np.full(v.shape, 1.0 / v.size)
+    floor = 1e-6 * total / v.size
+    v = np.maximum(v, floor)
+    return v / v.sum()
+
+
+def transport_plan(w_pruned: np.ndarray, w_orig: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact OT plan from uniform mass on pruned neurons to mass ``b`` on original neurons."""
+    n = w_pruned.shape[0]
+    a = np.full(n, 1.0 / n)
+    cost = ot.dist(w_pruned, w_orig, metric="euclidean")
+    return ot.emd(a, b, cost, numItermax=max(100_000, 50 * n * n))
+
+
+def align_inputs(w: np.ndarray, plan_prev: np.ndarray, b_prev: np.ndarray) -> np.ndarray:
+    """Re-express a layer's input axis in the previous layer's original neuron order:
+    ``W[p, :, k] @ (T_prev diag(1 / b_prev))`` at every kernel position."""
+    a_mat = plan_prev / b_prev[None, :]
+    return np.einsum("pik,iq->pqk", w, a_mat)
+
+
+def fuse(
+    original: nn.Module,
+    pruned: nn.Module,
+    layers: list[Layer],
+    nwc: dict[str, torch.Tensor],
+    pruned_idx: dict[str, list[int]],
+    lam: float,
+    *,
+    fuse_attached: bool = True,
+) -> FuseResult:
+    """Fuse ``pruned`` into ``original``; returns a new model, both inputs are left untouched."""
+    fused = copy.deepcopy(original)
+    result = FuseResult(model=fused, lam=lam, first_layer=None)
+    start = next((i for i, l in enumerate(layers) if pruned_idx.get(l.name)), None)
+    if start is None:
+        return result
+    result.first_layer = layers[start].name
+    mods_o = dict(original.named_modules())
+    mods_p = dict(pruned.named_modules())
+    mods_f = dict(fused.named_modules())
+    prev: tuple[np.ndarray, np.ndarray] | None = None
+    for layer in layers[start:]:
+        w_bd_t = mods_o[layer.name].weight.detach()
+        w_bd = w_bd_t.double().cpu().numpy()
+        w_pn = mods_p[layer.name].weight.detach().double().cpu().numpy()
+        n = w_bd.shape[0]
+        flat_bd, flat_pn = w_bd.reshape(n, -1), w_pn.reshape(n, -1)
+        b = target_mass(nwc[layer.name].numpy())
+        plan = transport_plan(flat_pn, flat_bd, b)
+        result.plan_cost[layer.name] = float((plan * ot.dist(flat_pn, flat_bd, metric="euclidean")).sum())
+        w_al = w_pn.reshape(n, w_pn.shape[1], -1)
+        if prev is not None and layer.groups == 1 and w_pn.shape[1] == prev[0].shape[0]:
+            w_al = align_inputs(w_al, *prev)
+            result.aligned_layers.append(layer.name)
+        mapping = plan.T / b[:, None]  # diag(1/b) T^T
+        w_fused = (mapping @ w_al.reshape(n, -1)).reshape(w_bd.shape)
+        new = lam * w_fused + (1.0 - lam) * w_bd
+        if not np.isfinite(new).all():
+            raise FloatingPointError(f"fusion produced non-finite weights in {layer.name}")
+        with torch.no_grad():
+            mods_f[layer.name].weight.copy_(torch.from_numpy(new).to(w_bd_t.dtype))
+            if fuse_attached:
+                _fuse_attached(layer, mods_o, mods_p, mods_f, mapping, lam)
+        result.fused_layers.append(layer.name)
+        prev = (plan, b)
+    return result
+
+
+def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mapping: np.ndarray, lam: float) -> None:
+    """Carry the neuron's bias and its BatchNorm channel through the same OT map."""
+    pairs = [(layer.name, "bias")]
+    if layer.norm_name:
+        pairs += [(layer.norm_name, t) for t in _NORM_TENSORS]
+    for mod_name, attr in pairs:
+        t_o = getattr(mods_o[mod_name], attr, None)
+        if t_o is None:
+            continue
+        v_o = t_o.detach().double().cpu().numpy()
+        v_p = getattr(mods_p[mod_name], attr).detach().double().cpu().numpy()
+        v = lam * (mapping @ v_p) + (1.0 - lam) * v_o
+        if attr == "running_var":
+            v = np.maximum(v, 1e-8)
+        getattr(mods_f[mod_name], attr).copy_(torch.from_numpy(v).to(t_o.dtype))

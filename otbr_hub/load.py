@@ -1,0 +1,378 @@
+"""Load image classifiers from timm or transformers folders and describe their input.
+
+Everything downstream works on a plain ``nn.Module`` plus an :class:`InputSpec`; this
+module is the only place that knows how the two supported libraries lay out a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+Library = Literal["timm", "transformers", "torch"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model eats: channels, spatial size, normalisation and number of classes."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Map pixel-space images in [0, 1] to what the model expects."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "num_classes": self.num_classes,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A model together with where it came from, so it can be saved back the same way."""
+
+    model: nn.Module
+    library: Library
+    spec: InputSpec
+    source: str
+    dtype: torch.dtype = torch.float32
+    folder: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+
+
+def library_of(model: nn.Module) -> Library:
+    """Tell a transformers model from a timm or plain torch one."""
+    try:
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            return "transformers"
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    if hasattr(model, "pretrained_cfg") or type(model).__module__.startswith("timm."):
+        return "timm"
+    return "torch"
+
+
+def _fit(values: Any, channels: int, default: tuple[float, ...]) -> tuple[float, ...]:
+    if values is None:
+        values = default
+    if isinstance(values, (int, float)):
+        values = [float(values)]
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise UnsupportedModelError(f"normalisation has {len(values)} values but the model has {channels} input channels")
+
+
+def _size_pair(size: Any) -> tuple[int, int]:
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return int(size["height"]), int(size["width"])
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"]), int(size["shortest_edge"])
+    if isinstance(size, (list, tuple)):
+        return int(size[-2]), int(size[-1])
+    return int(size), int(size)
+
+
+def input_spec(
+    model: nn.Module,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    num_classes: int | None = None,
+    processor_config: dict[str, Any] | None = None,
+) -> InputSpec:
+    """Read the input description from the model's own config; explicit arguments win.
+
+    timm keeps it in ``pretrained_cfg``; transformers splits it between ``config`` (size,
+    channels, labels) and the image processor (mean/std), which is passed as
+    ``processor_config`` when loading from a folder.
+    """
+    lib = library_of(model)
+    c = h = w = None
+    m = s = None
+    n = None
+    if lib == "timm":
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        if cfg.get("input_size"):
+            c, h, w = (int(v) for v in cfg["input_size"])
+        m, s = cfg.get("mean"), cfg.get("std")
+        n = getattr(model, "num_classes", None)
+    elif lib == "transformers":
+        cfg = model.config
+        c = int(getattr(cfg, "num_channels", 3) or 3)
+        size = getattr(cfg, "image_size", None)
+        if size is None and processor_config:
+            size = processor_config.get("crop_size") or processor_config.get("size")
+        if size is None:
+            size = 224
+        h, w = _size_pair(size)
+        if processor_config:
+            m, s = processor_config.get("image_mean"), processor_config.get("image_std")
+        n = int(cfg.num_labels)
+    else:
+        n = getattr(model, "num_classes", None)
+    if input_size is not None:
+        c, h, w = (int(v) for v in input_size)
+    if c is None or h is None or w is None:
+        raise UnsupportedModelError("cannot tell the model's input size; pass input_size=(C, H, W)")
+    default_m, default_s = (IMAGENET_MEAN, IMAGENET_STD) if lib != "torch" else ((0.0,), (1.0,))
+    if num_classes is not None:
+        n = num_classes
+    if n is None:
+        n = _infer_num_classes(model, c, h, w)
+    return InputSpec(
+        channels=c,
+        height=h,
+        width=w,
+        mean=_fit(mean if mean is not None else m, c, default_m),
+        std=_fit(std if std is not None else s, c, default_s),
+        num_classes=int(n),
+    )
+
+
+def _infer_num_classes(model: nn.Module, c: int, h: int, w: int) -> int:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = forward_logits(model, torch.zeros(1, c, h, w, dtype=next(model.parameters()).dtype))
+    model.train(was_training)
+    return int(out.shape[-1])
+
+
+def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a classifier of any supported library and return its logits."""
+    if library_of(model) == "transformers":
+        return model(pixel_values=x).logits
+    out = model(x)
+    if hasattr(out, "logits"):
+        return out.logits
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {err}") from None
+
+
+def weight_file(folder: Path) -> Path:
+    """The weights to load from a folder, preferring safetensors (sharded or single)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise UnsupportedModelError(f"{folder} has no model.safetensors or pytorch_model.bin")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
+    from safetensors.torch import load_file
+
+    if path.name.endswith(".index.json"):
+        index = _read_json(path)
+        out: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            out.update(read_state_dict(path.parent / shard))
+        return out
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise UnsupportedModelError(f"cannot read {path.name}: {err}") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"refusing to load {path.name}: it needs more than plain tensors to unpickle ({type(err).__name__}); "
+            "convert it to safetensors"
+        ) from None
+    if not isinstance(sd, dict):
+        raise UnsupportedModelError(f"{path.name} does not hold a state dict")
+    return sd
+
+
+def source_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype most floating-point weights are stored in."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state_dict.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise UnsupportedModelError(f"weights contain NaN or Inf values ({name})")
+
+
+def detect_library(folder: Path) -> Library:
+    """timm folders have ``architecture`` in config.json; transformers ones ``model_type``."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise UnsupportedModelError(f"{folder} is not a model folder (no config.json)")
+    cfg = _read_json(cfg_path)
+    if "architecture" in cfg:
+        return "timm"
+    if "model_type" in cfg or "architectures" in cfg:
+        return "transformers"
+    if cfg.get("library_name") == "timm":
+        return "timm"
+    raise UnsupportedModelError(f"{cfg_path} is neither a timm nor a transformers config")
+
+
+def load_folder(path: str | Path, *, source: str | None = None, revision: str | None = None) -> LoadedModel:
+    """Load a timm or transformers image classifier saved in ``path``, in fp32 for computing."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UnsupportedModelError(f"{path} is not a folder")
+    lib = detect_library(folder)
+    loaded = _load_timm(folder) if lib == "timm" else _load_transformers(folder)
+    loaded.source = source or str(path)
+    loaded.revision = revision
+    check_finite(loaded.model)
+    return loaded
+
+
+def _load_timm(folder: Path) -> LoadedModel:
+    import timm
+
+    cfg = _read_json(folder / "config.json")
+    arch = cfg["architecture"]
+    kwargs = dict(cfg.get("model_args") or {})
+    if "num_classes" in cfg:
+        kwargs.setdefault("num_classes", cfg["num_classes"])
+    pcfg = dict(cfg.get("pretrained_cfg") or {})
+    if "input_size" in pcfg:
+        kwargs.setdefault("in_chans", int(pcfg["input_size"][0]))
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as err:
+        raise UnsupportedModelError(f"timm cannot build '{arch}': {err}") from None
+    sd = read_state_dict(weight_file(folder))
+    dtype = source_dtype(sd)
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UnsupportedModelError(f"weights do not match '{arch}': {first}") from None
+    merged = dict(model.pretrained_cfg or {})
+    merged.update(pcfg)
+    model.pretrained_cfg = merged
+    model.eval()
+    return LoadedModel(model=model, library="timm", spec=input_spec(model), source=str(folder), dtype=dtype, folder=folder, config=cfg)
+
+
+def _load_transformers(folder: Path) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:
+        raise UnsupportedModelError(f"transformers cannot read the config: {str(err).splitlines()[0]}") from None
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise UnsupportedModelError(
+                f"{folder} holds a '{config.model_type}' model, which is not an image classifier"
+            ) from None
+        raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
+    sd_path = weight_file(folder)
+    dtype = _header_dtype(sd_path) if sd_path.suffix == ".safetensors" else source_dtype(read_state_dict(sd_path))
+    proc_path = folder / "preprocessor_config.json"
+    proc = _read_json(proc_path) if proc_path.is_file() else None
+    model.eval()
+    return LoadedModel(
+        model=model,
+        library="transformers",
+        spec=input_spec(model, processor_config=proc),
+        source=str(folder),
+        dtype=dtype,
+        folder=folder,
+        config=config.to_dict(),
+    )
+
+
+def _header_dtype(path: Path) -> torch.dtype:
+    """Source dtype from the safetensors header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    counts: dict[torch.dtype, int] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            dt = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+            if dt is not None:
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                counts[dt] = counts.get(dt, 0) + numel
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def from_model(
+    model: nn.Module,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    num_classes: int | None = None,
+) -> LoadedModel:
+    """Wrap an in-memory model (timm, transformers or plain torch) for the engine."""
+    params = list(model.parameters())
+    if not params:
+        raise UnsupportedModelError("the model has no parameters")
+    dtype = source_dtype({str(i): p for i, p in enumerate(params)})
+    spec = input_spec(model, input_size=input_size, mean=mean, std=std, num_classes=num_classes)
+    return LoadedModel(model=model, library=library_of(model), spec=spec, source="<in-memory>", dtype=dtype)

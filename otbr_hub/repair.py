@@ -1,0 +1,238 @@
+"""The repair pipeline: unlearn -> score -> prune -> fuse -> verify, composed from the
+stage modules. :func:`repair` is the public entry point for models and folders."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import OtbrError, UnsupportedModelError
+from .fuse import FuseResult, fuse
+from .layers import Layer, select_layers
+from .load import LoadedModel, from_model, load_folder
+from .placement import resolve_device
+from .prune import PruneResult, prune
+from .ratio import RatioChoice, choose_ratio
+from .score import Scores, neuron_weight_change
+from .settings import RepairSettings, preset
+from .unlearn import unlearn
+from .verify import Verification, agreement, synthesize_inputs, verify
+
+
+@dataclass
+class RepairReport:
+    """Everything that was done, in a form that goes straight into JSON and the model card."""
+
+    source: str
+    library: str
+    otbr_hub_version: str
+    settings: dict[str, Any]
+    input: dict[str, Any]
+    device: str
+    source_dtype: str
+    prune_ratio: float
+    ratio_reason: str
+    ratio_candidates: list[dict] = field(default_factory=list)
+    lam: float = 0.5
+    layers_scored: int = 0
+    neurons_scored: int = 0
+    neurons_pruned: int = 0
+    pruned_per_layer: dict[str, int] = field(default_factory=dict)
+    nwc: dict[str, Any] = field(default_factory=dict)
+    unlearning: dict[str, Any] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    revision: str | None = None
+    evaluation: dict[str, Any] | None = None
+    scan_before: dict[str, Any] | None = None
+    scan_after: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RepairResult:
+    """The repaired model (same class as the input) and its report."""
+
+    model: nn.Module
+    report: RepairReport
+    source: LoadedModel
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def _as_loaded(source: Any, **spec_kw: Any) -> LoadedModel:
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, nn.Module):
+        return from_model(source, **spec_kw)
+    if isinstance(source, (str, Path)):
+        if Path(source).exists():
+            return load_folder(source)
+        from .fetch import load_source  # Hub ids
+
+        return load_source(str(source))
+    raise UnsupportedModelError(f"cannot repair an object of type {type(source).__name__}")
+
+
+def build_repaired(work: nn.Module, pruned: PruneResult, layers: list[Layer], scores: Scores, settings: RepairSettings) -> FuseResult:
+    """Fuse a pruned copy back into the working model with the settings' lambda."""
+    return fuse(work, pruned.model, layers, scores.nwc, pruned.pruned, settings.lam, fuse_attached=settings.fuse_attached)
+
+
+def repair(
+    source: Any,
+    settings: RepairSettings | None = None,
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    detector: Any | None = None,
+    **overrides: Any,
+) -> RepairResult:
+    """Remove a possible backdoor from ``source`` without data.
+
+    ``source`` is an in-memory timm/transformers/torch classifier, a local model folder,
+    or a :class:`LoadedModel`. The input model is never modified; the returned model is a
+    new instance of the same class in the source dtype. Keyword ``overrides`` are
+    :class:`RepairSettings` fields (e.g. ``prune_ratio=0.05``, ``preset="paper"``).
+    ``detector`` optionally maps a model to ``(flagged, p_value)`` and guides the automatic
+    ratio choice; by default the max-margin detector from :mod:`otbr_hub.detect` is used
+    when available.
+    """
+    if settings is None:
+        settings = preset(overrides.pop("preset", "default"), **overrides)
+    elif overrides:
+        settings = preset(settings.preset, **{**settings.to_dict(), **overrides})
+    settings.validate()
+    t = _Timer()
+    with t("load"):
+        loaded = _as_loaded(source, input_size=input_size, mean=mean, std=std)
+    spec = loaded.spec
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+
+    work = copy.deepcopy(loaded.model).float().to(device).eval()
+    layers = select_layers(work, settings)
+    with t("unlearn"):
+        un = unlearn(work, spec, settings, device)
+    with t("score"):
+        scores = neuron_weight_change(work, un.model, layers, settings)
+    losses = {"first_loss": un.first_loss, "last_loss": un.last_loss}
+    del un
+
+    def build(ratio: float) -> nn.Module:
+        with t("prune"):
+            pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
+        with t("fuse"):
+            fr = build_repaired(work, pr, layers, scores, settings)
+        fr.model._otbr_prune, fr.model._otbr_fuse = pr, fr  # kept for the report
+        return fr.model
+
+    with t("verify"):
+        probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed)
+    if settings.prune_ratio == "auto":
+        det_fn, flagged = _detector(detector, work, spec, settings, t)
+        with t("choose_ratio"):
+            choice, fused_model = choose_ratio(
+                settings.grid(),
+                build,
+                lambda m: agreement(work, m, spec, probe),
+                settings.min_agreement,
+                detector=det_fn,
+                original_flagged=flagged,
+            )
+    else:
+        fused_model = build(float(settings.prune_ratio))
+        choice = RatioChoice(float(settings.prune_ratio), "given explicitly")
+    pr: PruneResult = fused_model._otbr_prune
+    fr: FuseResult = fused_model._otbr_fuse
+    del fused_model._otbr_prune, fused_model._otbr_fuse
+
+    with t("verify"):
+        check: Verification = verify(work, fused_model, spec, inputs=probe)
+    if not check.ok:
+        raise OtbrError(f"the repaired model failed verification: {'; '.join(check.problems)}")
+
+    out = _same_kind(loaded.model, fused_model, loaded.dtype)
+    report = RepairReport(
+        source=loaded.source,
+        revision=loaded.revision,
+        library=loaded.library,
+        otbr_hub_version=__version__,
+        settings=settings.to_dict(),
+        input=spec.to_dict(),
+        device=str(device),
+        source_dtype=str(loaded.dtype).replace("torch.", ""),
+        prune_ratio=choice.ratio,
+        ratio_reason=choice.reason,
+        ratio_candidates=[c.to_dict() for c in choice.candidates],
+        lam=settings.lam,
+        layers_scored=len(layers),
+        neurons_scored=scores.total,
+        neurons_pruned=pr.k,
+        pruned_per_layer=pr.per_layer_counts(),
+        nwc=scores.summary(),
+        unlearning={"steps": settings.unlearn_steps, "batch": settings.unlearn_batch, "lr": settings.unlearn_lr,
+                    "momentum": settings.unlearn_momentum, "normalized_noise": settings.normalize_noise, **losses},
+        fusion={"solver": "ot.emd (exact)", "first_layer": fr.first_layer, "fused_layers": len(fr.fused_layers),
+                "input_aligned_layers": len(fr.aligned_layers), "lambda": settings.lam},
+        verification=check.to_dict(),
+        timings={k: round(v, 3) for k, v in t.times.items()},
+    )
+    return RepairResult(model=out, report=report, source=loaded)
+
+
+def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSettings, t: _Timer):
+    """Wrap the max-margin detector as ``model -> (flagged, p)`` and run it on the original."""
+    if detector is False:
+        return None, False
+    if detector is None:
+        try:
+            from .detect import DetectSettings, detect
+        except ImportError:
+            return None, False
+        ds = DetectSettings(seed=settings.seed)
+
+        def detector(m: nn.Module) -> tuple[bool, float]:
+            d = detect(m, spec, ds)
+            return d.verdict != "clean", float(d.p_value)
+
+    with t("detect"):
+        flagged, _ = detector(work)
+    return detector, flagged
+
+
+def _same_kind(original: nn.Module, repaired: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Return the repaired weights in an object of the input's class, dtype and device."""
+    device = next(original.parameters()).device
+    out = copy.deepcopy(original)
+    sd = {k: v.to(device=device, dtype=out.state_dict()[k].dtype) for k, v in repaired.state_dict().items()}
+    out.load_state_dict(sd)
+    return out

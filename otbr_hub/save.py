@@ -1,0 +1,101 @@
+"""Save a repaired model in its source's own format, atomically, safetensors only.
+
+The folder is written next to the destination under a hidden temporary name and moved
+into place only once complete, so an interrupted run never leaves half a model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import OtbrError, UsageError
+from .load import LoadedModel
+
+MAX_SHARD_SIZE = "2GB"
+# Files describing preprocessing that travel with the weights.
+_CARRY = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+
+
+def check_destination(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Fail early (before any work) when the destination cannot be written."""
+    out = Path(out_dir).expanduser().absolute()
+    if not out.parent.is_dir():
+        raise UsageError(f"the parent folder of {out_dir} does not exist")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out_dir} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out_dir} is not empty (pass --overwrite to replace it)")
+    return out
+
+
+def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+        for k, v in model.state_dict().items()
+    }
+
+
+def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_files: dict[str, Any] | None = None) -> None:
+    """Write ``model`` into an existing empty ``folder`` the way ``source`` was stored."""
+    from huggingface_hub import save_torch_state_dict
+
+    if source.library == "transformers":
+        model = _as_dtype(model, source.dtype)
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+    else:
+        if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
+            shutil.copyfile(source.folder / "config.json", folder / "config.json")
+        elif source.library == "timm":
+            from timm.models import save_for_hf  # noqa: F401  (ensures timm's hub helpers are present)
+            from timm.models._hub import save_config_for_hf
+
+            save_config_for_hf(model, str(folder / "config.json"))
+        save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=MAX_SHARD_SIZE)
+    if source.folder is not None:
+        for name in _CARRY:
+            if (source.folder / name).is_file() and not (folder / name).exists():
+                shutil.copyfile(source.folder / name, folder / name)
+    for name, content in (extra_files or {}).items():
+        data = content if isinstance(content, (str, bytes)) else json.dumps(content, indent=2, default=str)
+        mode = "wb" if isinstance(data, bytes) else "w"
+        with open(folder / name, mode) as fh:
+            fh.write(data)
+
+
+def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy in the source dtype (the engine computes in fp32)."""
+    import copy
+
+    if next(model.parameters()).dtype == dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Save atomically into ``out_dir``; returns its absolute path."""
+    out = check_destination(out_dir, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write_folder(source, model, tmp, extra_files)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OtbrError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OtbrError(f"could not save the model to {out_dir}: {err}") from None
+    return out

@@ -1,0 +1,130 @@
+"""One options model for repair, shared by the Python API and the CLI flags.
+
+Each field carries its help text in ``metadata``; :mod:`otbr_hub.cli` turns the fields
+into ``--flags`` so the two interfaces cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import UsageError
+
+Preset = Literal["default", "paper"]
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RepairSettings:
+    """Everything that changes what ``repair`` does. Start from :func:`preset`."""
+
+    preset: str = _opt("default", "named starting point: 'default' or 'paper' (the reference OTBR code)")
+    prune_ratio: float | str = _opt(
+        "auto", "fraction of scored neurons to prune, in (0, 1), or 'auto' to choose it without data"
+    )
+    lam: float = _opt(0.5, "fusion weight lambda of the OT-aligned pruned model, in [0, 1]", flag="lambda")
+    seed: int = _opt(0, "random seed for noise, labels and detection")
+    # random unlearning
+    unlearn_steps: int = _opt(20, "gradient-ascent steps on random noise")
+    unlearn_batch: int = _opt(256, "noise images per unlearning step")
+    unlearn_lr: float = _opt(1e-4, "SGD learning rate for unlearning")
+    unlearn_momentum: float = _opt(0.9, "SGD momentum for unlearning")
+    normalize_noise: bool = _opt(True, "normalise the [0,1] noise with the model's mean/std before the forward pass")
+    noise_size: int | None = _opt(None, "side of the noise images (default: the model's own input size)")
+    label_off_by_one: bool = _opt(False, "draw random labels from 0..C-2 like the reference code")
+    unlearn_train_mode: bool = _opt(True, "run unlearning with the model in train mode (BatchNorm uses batch statistics)")
+    # which neurons count
+    layer_types: str = _opt("conv,linear", "comma list of layer kinds to score: conv, linear")
+    skip_shortcuts: bool = _opt(True, "leave shortcut/downsample projections alone")
+    include_classifier: bool = _opt(False, "also score the final classifier's output rows")
+    include: str | None = _opt(None, "regex; only layers whose name matches are scored")
+    exclude: str | None = _opt(None, "regex; layers whose name matches are never scored")
+    ranking: str = _opt("layer-normalized", "'global' (raw NWC, as in the paper) or 'layer-normalized' (NWC per weight, z-scored per layer)")
+    # pruning and fusion
+    prune_norm: bool = _opt(True, "also silence the BatchNorm channel that follows a pruned conv filter")
+    fuse_attached: bool = _opt(True, "carry biases and following BatchNorm parameters through the OT map with their neuron")
+    # auto ratio
+    ratio_grid: str = _opt(
+        "0.005,0.01,0.02,0.03,0.05,0.08,0.1,0.15,0.2", "candidate ratios tried by --prune-ratio auto, smallest first"
+    )
+    min_agreement: float = _opt(0.9, "auto: least top-1 agreement with the original on synthesised inputs")
+    verify_samples: int = _opt(256, "synthesised inputs used to measure agreement with the original")
+    device: str = _opt("auto", "'auto' (GPU when Accelerate sees one), 'cpu' or 'cuda'")
+
+    def validate(self) -> "RepairSettings":
+        """Raise a one-line UsageError for any value the engine cannot honour."""
+        if self.preset not in PRESETS:
+            raise UsageError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        if isinstance(self.prune_ratio, str):
+            if self.prune_ratio != "auto":
+                try:
+                    self.prune_ratio = float(self.prune_ratio)
+                except ValueError:
+                    raise UsageError(f"--prune-ratio must be a number in (0, 1) or 'auto', got '{self.prune_ratio}'") from None
+        if not isinstance(self.prune_ratio, str) and not (0.0 < float(self.prune_ratio) < 1.0):
+            raise UsageError(f"--prune-ratio must be in (0, 1), got {self.prune_ratio}")
+        if not (0.0 <= self.lam <= 1.0):
+            raise UsageError(f"--lambda must be in [0, 1], got {self.lam}")
+        if self.unlearn_steps < 0 or self.unlearn_batch < 1:
+            raise UsageError("--unlearn-steps must be >= 0 and --unlearn-batch >= 1")
+        kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}
+        if not kinds or not kinds <= {"conv", "linear"}:
+            raise UsageError(f"--layer-types takes conv and/or linear, got '{self.layer_types}'")
+        if self.ranking not in ("global", "layer-normalized"):
+            raise UsageError(f"--ranking must be 'global' or 'layer-normalized', got '{self.ranking}'")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got '{self.device}'")
+        for r in self.grid():
+            if not 0 < r < 1:
+                raise UsageError(f"--ratio-grid values must be in (0, 1), got {r}")
+        return self
+
+    def grid(self) -> list[float]:
+        try:
+            return sorted(float(v) for v in self.ratio_grid.split(",") if v.strip())
+        except ValueError:
+            raise UsageError(f"--ratio-grid must be a comma list of numbers, got '{self.ratio_grid}'") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PAPER = dict(
+    preset="paper",
+    prune_ratio=0.1,
+    lam=0.5,
+    unlearn_steps=20,
+    unlearn_batch=256,
+    unlearn_lr=1e-4,
+    unlearn_momentum=0.9,
+    normalize_noise=False,
+    noise_size=None,  # the reference only knew 32x32 inputs; use the model's own size
+    label_off_by_one=True,
+    unlearn_train_mode=True,
+    layer_types="conv",
+    skip_shortcuts=True,
+    include_classifier=False,
+    ranking="global",
+    prune_norm=False,
+    fuse_attached=False,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "paper": PAPER}
+
+
+def preset(name: str = "default", **overrides: Any) -> RepairSettings:
+    """Settings of a named preset with explicit overrides applied on top."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    values["preset"] = name
+    known = {f.name for f in dataclasses.fields(RepairSettings)}
+    unknown = set(values) - known
+    if unknown:
+        raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return RepairSettings(**values).validate()

@@ -1,0 +1,108 @@
+"""Checks that a repaired model is still the same model: same tensors, finite, runs, and
+mostly agrees with the original on inputs synthesised from the original itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .load import InputSpec, forward_logits, model_device
+
+
+@dataclass
+class Verification:
+    """Outcome of :func:`verify`. ``ok`` is what push and save rely on."""
+
+    ok: bool
+    agreement: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "agreement": self.agreement, "problems": self.problems}
+
+
+def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, steps: int = 10, lr: float = 0.1) -> torch.Tensor:
+    """Inputs the *original* model assigns to each class in turn, with no data needed.
+
+    Starting from smooth random images (low-resolution noise upsampled), a few signed
+    gradient steps push each image towards its assigned class. Agreement on such inputs
+    says whether the repair kept the decision regions, which plain noise (usually one
+    class for everything) cannot tell.
+    """
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, spec.channels, max(2, spec.height // 4), max(2, spec.width // 4), generator=gen)
+    x = F.interpolate(low, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
+    x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1).to(device)
+    y = (torch.arange(n) % spec.num_classes).to(device)
+    was_training = model.training
+    model.eval()
+    params = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            x.requires_grad_(True)
+            loss = F.cross_entropy(forward_logits(model, spec.normalize(x)).float(), y)
+            (grad,) = torch.autograd.grad(loss, x)
+            x = (x.detach() - lr * grad.sign()).clamp(0, 1)
+    finally:
+        for p, flag in zip(model.parameters(), params):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return x.detach()
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    model.eval()
+    device = model_device(model)
+    out = [forward_logits(model, spec.normalize(x[i : i + batch].to(device))).argmax(-1).cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def agreement(original: nn.Module, repaired: nn.Module, spec: InputSpec, x: torch.Tensor) -> float:
+    """Share of inputs on which both models predict the same class."""
+    return float((predictions(original, spec, x) == predictions(repaired, spec, x)).float().mean())
+
+
+def compare_state_dicts(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], *, check_dtype: bool = True) -> list[str]:
+    """Differences in keys, shapes and dtypes, and non-finite values, as readable strings."""
+    problems: list[str] = []
+    missing = sorted(set(reference) - set(candidate))
+    extra = sorted(set(candidate) - set(reference))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for key in sorted(set(reference) & set(candidate)):
+        a, b = reference[key], candidate[key]
+        if tuple(a.shape) != tuple(b.shape):
+            problems.append(f"{key}: shape {tuple(b.shape)} != {tuple(a.shape)}")
+        elif check_dtype and a.dtype != b.dtype:
+            problems.append(f"{key}: dtype {b.dtype} != {a.dtype}")
+        elif b.is_floating_point() and not torch.isfinite(b).all():
+            problems.append(f"{key}: non-finite values")
+    return problems
+
+
+def verify(original: nn.Module, repaired: nn.Module, spec: InputSpec, *, inputs: torch.Tensor | None = None, samples: int = 256, seed: int = 0) -> Verification:
+    """Structure, finiteness, a forward pass, and agreement with the original."""
+    problems = compare_state_dicts(original.state_dict(), repaired.state_dict(), check_dtype=False)
+    agree = None
+    try:
+        if inputs is None:
+            inputs = synthesize_inputs(original, spec, samples, seed=seed)
+        agree = agreement(original, repaired, spec, inputs)
+        with torch.no_grad():
+            logits = forward_logits(repaired.eval(), spec.normalize(inputs[:2].to(model_device(repaired))))
+        if logits.shape[-1] != spec.num_classes:
+            problems.append(f"forward pass gives {logits.shape[-1]} classes, expected {spec.num_classes}")
+        if not torch.isfinite(logits).all():
+            problems.append("forward pass gives non-finite logits")
+    except Exception as err:  # a model that cannot run must not be published
+        problems.append(f"forward pass failed: {type(err).__name__}: {err}")
+    return Verification(ok=not problems, agreement=agree, problems=problems)
