@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
-        _quiet_libraries()
+        _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
     try:
         if args.command == "repair":
             return cmd_repair(args)
@@ -182,17 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(progress: bool) -> None:
+    """Keep library chatter (warnings, info logs) out of the user's terminal; progress bars
+    only when a person is watching."""
     import warnings
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as tlog
+    logging.getLogger("timm").setLevel(logging.ERROR)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+    tlog.set_verbosity_error()
+    if not progress:
+        disable_progress_bars()
+        tlog.disable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover

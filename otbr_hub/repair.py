@@ -93,9 +93,11 @@ def _as_loaded(source: Any, **spec_kw: Any) -> LoadedModel:
     if isinstance(source, nn.Module):
         return from_model(source, **spec_kw)
     if isinstance(source, (str, Path)):
-        if Path(source).exists():
+        from .fetch import is_repo_id
+
+        if Path(source).exists() or not is_repo_id(str(source)):
             return load_folder(source)
-        from .fetch import load_source  # Hub ids
+        from .fetch import load_source
 
         return load_source(str(source))
     raise UnsupportedModelError(f"cannot repair an object of type {type(source).__name__}")

@@ -57,7 +57,9 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
             from timm.models import save_for_hf  # noqa: F401  (ensures timm's hub helpers are present)
             from timm.models._hub import save_config_for_hf
 
-            save_config_for_hf(model, str(folder / "config.json"))
+            spec = source.spec
+            pcfg = {"input_size": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std), "num_classes": spec.num_classes}
+            save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg})
         save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=MAX_SHARD_SIZE)
     if source.folder is not None:
         for name in _CARRY:

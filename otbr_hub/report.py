@@ -1,0 +1,583 @@
+"""The ``scan`` report: one data model, rendered as JSON, SARIF, Markdown or a console table.
+
+The JSON form is the contract (see ``schemas/scan-report.schema.json``); SARIF feeds GitHub
+code scanning, Markdown goes to ``$GITHUB_STEP_SUMMARY`` or a PR comment, and the console
+table is for people at a terminal. All renderers read the same dataclasses, so they
+cannot disagree about a verdict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from .errors import UsageError
+from .inspect import SEVERITY_RANK, FileReport, Finding
+
+SCHEMA_VERSION = "1.0"
+TOOL_NAME = "otbr-hub"
+INFORMATION_URI = "https://github.com/otbr-hub/otbr-hub"
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+
+Verdict = Literal["clean", "suspicious", "backdoored", "unsafe-file", "skipped", "error"]
+SourceKind = Literal["folder", "file", "hub"]
+ReportFormat = Literal["json", "sarif", "markdown", "console"]
+
+VERDICTS: tuple[str, ...] = ("clean", "suspicious", "backdoored", "unsafe-file", "skipped", "error")
+FORMATS: tuple[str, ...] = ("json", "sarif", "markdown", "console")
+FAIL_ON_LEVELS: tuple[str, ...] = ("suspicious", "backdoored", "unsafe-file", "none")
+
+VERDICT_WORDS: dict[str, str] = {
+    "clean": "Clean",
+    "suspicious": "Suspicious",
+    "backdoored": "Backdoor detected",
+    "unsafe-file": "Unsafe file",
+    "skipped": "Skipped",
+    "error": "Error",
+}
+
+
+def tool_version() -> str:
+    """Installed package version, so a report says which tool produced it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(TOOL_NAME)
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema the ``json`` format follows, as shipped in the package."""
+    from importlib.resources import files
+
+    text = files(__package__).joinpath("schemas", "scan-report.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class BackdoorEvidence:
+    """What the data-free detector measured for one model.
+
+    ``per_class`` holds the statistic for each class index; ``thresholds`` records the
+    cut-offs the verdict used (e.g. ``{"p_value": 0.05}``) so a reader can re-judge it;
+    ``weight_evidence`` carries any weight-only signals the engine adds.
+    """
+
+    statistic: str
+    p_value: float | None
+    suspected_target: int | None = None
+    suspected_label: str | None = None
+    per_class: list[float] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    weight_evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "statistic": self.statistic,
+            "p_value": self.p_value,
+            "suspected_target": self.suspected_target,
+            "suspected_label": self.suspected_label,
+            "per_class": list(self.per_class),
+            "thresholds": dict(self.thresholds),
+            "weight_evidence": dict(self.weight_evidence),
+        }
+
+
+@dataclass
+class TargetReport:
+    """The outcome for one scanned model: a folder, a single file or a Hub repository."""
+
+    target: str
+    source: SourceKind
+    verdict: Verdict
+    revision: str | None = None
+    backdoor: BackdoorEvidence | None = None
+    files: list[FileReport] = field(default_factory=list)
+    skipped: str | None = None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {self.verdict!r}")
+
+    @property
+    def unsafe_files(self) -> list[FileReport]:
+        return [f for f in self.files if not f.safe]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "source": self.source,
+            "revision": self.revision,
+            "verdict": self.verdict,
+            "backdoor": self.backdoor.to_dict() if self.backdoor else None,
+            "files": [f.to_dict() for f in self.files],
+            "skipped": self.skipped,
+            "error": self.error,
+            "timings": dict(self.timings),
+        }
+
+
+@dataclass
+class ScanReport:
+    """Everything one ``otbr-hub scan`` run found, with the settings that produced it."""
+
+    targets: list[TargetReport] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    tool_version: str = field(default_factory=tool_version)
+    created: str = field(default_factory=_now)
+    schema_version: str = SCHEMA_VERSION
+
+    def summary(self) -> dict[str, Any]:
+        """Counts a CI step can test without walking the targets."""
+        verdicts = {v: 0 for v in VERDICTS}
+        for t in self.targets:
+            verdicts[t.verdict] += 1
+        return {
+            "targets": len(self.targets),
+            "verdicts": verdicts,
+            "unsafe_files": sum(len(t.unsafe_files) for t in self.targets),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "tool": TOOL_NAME,
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "settings": dict(self.settings),
+            "summary": self.summary(),
+            "targets": [t.to_dict() for t in self.targets],
+        }
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def exit_code(report: ScanReport, fail_on: str = "backdoored") -> int:
+    """The process exit status for a finished scan.
+
+    ``fail_on`` sets which outcomes fail the run, from most to least sensitive:
+    ``suspicious`` (suspicious or backdoored verdicts, or any unsafe file), ``backdoored``
+    (backdoored verdicts or any unsafe file; the default), ``unsafe-file`` (only unsafe
+    weight files) and ``none`` (never fail on findings). An unsafe file is always counted
+    unless ``fail_on='none'``, because a file that can run code on load is worse than a
+    backdoor.
+
+    Precedence, first match wins:
+
+    1. a finding at or above ``fail_on`` in any target -> 1, even if other targets errored;
+    2. any target with verdict ``error`` -> 2;
+    3. no targets, or every target ``skipped`` -> 3 (nothing could be scanned);
+    4. otherwise -> 0 (skipped targets next to clean ones do not fail the run).
+
+    Exit code 4 (bad arguments) is never returned here: the CLI raises ``UsageError``
+    before scanning, and an unknown ``fail_on`` raises it here too.
+    """
+    if fail_on not in FAIL_ON_LEVELS:
+        raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON_LEVELS)}, not {fail_on!r}")
+    failing: set[str] = set()
+    if fail_on != "none":
+        failing.add("unsafe-file")
+    if fail_on in ("suspicious", "backdoored"):
+        failing.add("backdoored")
+    if fail_on == "suspicious":
+        failing.add("suspicious")
+
+    for t in report.targets:
+        if t.verdict in failing or ("unsafe-file" in failing and t.unsafe_files):
+            return 1
+    if any(t.verdict == "error" for t in report.targets):
+        return 2
+    if all(t.verdict == "skipped" for t in report.targets):
+        return 3
+    return 0
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: NaN/inf become null (JSON has no spelling for them), numpy scalars unwrap."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):  # numpy or torch scalar
+        return _jsonable(value.item())
+    return str(value)
+
+
+def to_json(report: ScanReport) -> str:
+    """The report as JSON matching ``schemas/scan-report.schema.json``."""
+    return json.dumps(_jsonable(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- SARIF
+
+
+@dataclass(frozen=True)
+class _Rule:
+    id: str
+    short: str
+    full: str
+    severity: str  # finding severity; decides SARIF level and GitHub security-severity
+
+
+_SARIF_LEVEL = {"critical": "error", "high": "error", "medium": "warning", "info": "note"}
+_SECURITY_SEVERITY = {"critical": "9.5", "high": "7.5", "medium": "5.0", "info": "1.0"}
+
+_RULES: dict[str, _Rule] = {
+    r.id: r
+    for r in (
+        _Rule("backdoor-detected", "Backdoor detected", "The data-free detector found a class that is far easier to force than the others, the signature of a planted trigger.", "high"),
+        _Rule("backdoor-suspicious", "Possible backdoor", "The detector statistic is borderline: not conclusive, but worth a closer look or a repair.", "medium"),
+        _Rule("pickle-unsafe-import", "Pickle imports code-executing global", "Loading this file with pickle or torch.load imports a function that can run arbitrary code.", "critical"),
+        _Rule("pickle-unlisted-import", "Pickle imports unexpected global", "The pickle imports a global outside the allowlist for plain weights; torch.load(weights_only=True) would refuse it.", "high"),
+        _Rule("pickle-scan-failed", "Pickle could not be analysed", "The pickle scanner failed on this file, so its imports are unknown and it cannot be trusted.", "high"),
+        _Rule("pickle-parse-error", "Malformed pickle", "The file does not disassemble as a complete pickle stream.", "medium"),
+        _Rule("format-mismatch", "Content does not match extension", "The file's bytes are a different format from the one its name claims.", "high"),
+        _Rule("safetensors-truncated", "Truncated safetensors file", "The header or a tensor extends beyond the end of the file.", "high"),
+        _Rule("safetensors-bad-header", "Invalid safetensors header", "The safetensors header length, JSON or tensor entries are malformed.", "high"),
+        _Rule("safetensors-unknown-dtype", "Unknown safetensors dtype", "A tensor declares a dtype safetensors does not define.", "high"),
+        _Rule("safetensors-bad-offsets", "Invalid safetensors offsets", "Tensor data ranges overlap, leave gaps, or do not cover the data section exactly.", "high"),
+        _Rule("safetensors-size-mismatch", "Tensor size does not match shape", "A tensor's byte range differs from its shape times its element size.", "high"),
+        _Rule("safetensors-bad-metadata", "Invalid safetensors metadata", "__metadata__ must map strings to strings.", "high"),
+        _Rule("safetensors-unexpected-field", "Unexpected safetensors field", "A tensor entry has fields beyond dtype, shape and data_offsets.", "medium"),
+        _Rule("shard-index-path-escape", "Shard index escapes the model folder", "A sharded-checkpoint index points at a file outside the model folder.", "high"),
+        _Rule("shard-index-missing-shard", "Shard file missing", "A sharded-checkpoint index names a shard that is not present.", "medium"),
+        _Rule("shard-index-invalid", "Invalid shard index", "The shard index is not valid JSON with a weight_map.", "medium"),
+        _Rule("file-unreadable", "File could not be read", "The file could not be opened or read, so it was not checked.", "high"),
+        _Rule("unknown-format", "Unrecognised weight format", "The file was not recognised as a weight format and was not inspected.", "info"),
+    )
+}  # fmt: skip
+
+
+def _rule_for(code: str, severity: str) -> _Rule:
+    """Known rules keep their text; a new finding code still gets a valid rule."""
+    return _RULES.get(code) or _Rule(code, code.replace("-", " ").capitalize(), f"otbr-hub finding '{code}'.", severity)
+
+
+def _sarif_rule(rule: _Rule) -> dict[str, Any]:
+    return {
+        "id": rule.id,
+        "name": "".join(part.capitalize() for part in rule.id.split("-")),
+        "shortDescription": {"text": rule.short},
+        "fullDescription": {"text": rule.full},
+        "helpUri": f"{INFORMATION_URI}#{rule.id}",
+        "help": {"text": rule.full},
+        "defaultConfiguration": {"level": _SARIF_LEVEL[rule.severity]},
+        "properties": {"tags": ["security"], "security-severity": _SECURITY_SEVERITY[rule.severity]},
+    }
+
+
+def _artifact_uri(target: TargetReport, file_path: str | None) -> str:
+    """Where a result lives: a Hub URL for Hub targets, else a path relative to the working directory."""
+    if target.source == "hub":
+        base = f"https://huggingface.co/{target.target}"
+        if file_path is None:
+            return base
+        return f"{base}/blob/{target.revision or 'main'}/{file_path}"
+    base = Path(target.target)
+    if target.source == "file":
+        full = base
+    else:
+        full = base / file_path if file_path else base
+    if full.is_absolute():
+        try:
+            full = full.relative_to(Path.cwd())
+        except ValueError:
+            return full.as_uri()
+    return PurePosixPath(*full.parts).as_posix() if full.parts else "."
+
+
+def _primary_file(target: TargetReport) -> str | None:
+    """The file a model-level result points at: the first real weight file, not an index."""
+    for f in target.files:
+        if f.format != "shard-index":
+            return f.path
+    return None
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+def _sarif_result(rule: _Rule, level: str, text: str, uri: str, key: str, props: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ruleId": rule.id,
+        "level": level,
+        "message": {"text": text},
+        "locations": [{"physicalLocation": {"artifactLocation": {"uri": uri}}}],
+        "partialFingerprints": {"otbrResult/v1": _fingerprint(rule.id, uri, key)},
+        "properties": _jsonable(props),
+    }
+
+
+def to_sarif(report: ScanReport) -> str:
+    """SARIF 2.1.0 for GitHub code scanning: one result per backdoor verdict and per file finding.
+
+    Skipped targets produce no result; errored targets appear as tool execution
+    notifications, since they are a failure of the scan rather than a property of the code.
+    """
+    used: dict[str, _Rule] = {}
+    results: list[dict[str, Any]] = []
+    notifications: list[dict[str, Any]] = []
+
+    for t in report.targets:
+        name = f"{t.target}@{t.revision}" if t.revision else t.target
+        if t.verdict in ("backdoored", "suspicious"):
+            rule = _RULES["backdoor-detected" if t.verdict == "backdoored" else "backdoor-suspicious"]
+            used[rule.id] = rule
+            ev = t.backdoor
+            text = f"{VERDICT_WORDS[t.verdict]} in {name}"
+            if ev is not None:
+                text += f": {ev.statistic} p-value {_fmt_p(ev.p_value)}, suspected target {_fmt_target(ev)}"
+            props = {"target": t.target, "verdict": t.verdict, "backdoor": ev.to_dict() if ev else None}
+            uri = _artifact_uri(t, _primary_file(t))
+            results.append(_sarif_result(rule, _SARIF_LEVEL[rule.severity], text + ".", uri, t.verdict, props))
+        for f in t.files:
+            for finding in f.findings:
+                rule = _rule_for(finding.code, finding.severity)
+                used.setdefault(rule.id, rule)
+                uri = _artifact_uri(t, f.path)
+                props = {"severity": finding.severity, "sha256": f.sha256, "details": finding.details}
+                results.append(
+                    _sarif_result(rule, _SARIF_LEVEL[finding.severity], f"{f.path}: {finding.message}", uri, finding.message, props)
+                )
+        if t.verdict == "error":
+            notifications.append({"level": "error", "message": {"text": f"{name}: {t.error or 'scan failed'}"}})
+
+    rules = sorted(used.values(), key=lambda r: r.id)
+    index = {r.id: i for i, r in enumerate(rules)}
+    for r in results:
+        r["ruleIndex"] = index[r["ruleId"]]
+
+    sarif = {
+        "$schema": SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": TOOL_NAME,
+                        "informationUri": INFORMATION_URI,
+                        "version": report.tool_version,
+                        "semanticVersion": report.tool_version,
+                        "rules": [_sarif_rule(r) for r in rules],
+                    }
+                },
+                "invocations": [
+                    {
+                        "executionSuccessful": not notifications,
+                        "toolExecutionNotifications": notifications,
+                        "startTimeUtc": report.created,
+                    }
+                ],
+                "results": results,
+                "properties": {"schema_version": report.schema_version, "summary": report.summary()},
+            }
+        ],
+    }
+    return json.dumps(sarif, indent=2, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- Markdown and console
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "n/a"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def _fmt_target(ev: BackdoorEvidence | None) -> str:
+    if ev is None or ev.suspected_target is None:
+        return "-"
+    return f"{ev.suspected_target} ({ev.suspected_label})" if ev.suspected_label else str(ev.suspected_target)
+
+
+def _verdict_text(t: TargetReport) -> str:
+    words = VERDICT_WORDS[t.verdict]
+    if t.verdict == "skipped" and t.skipped:
+        return f"{words}: {t.skipped}"
+    if t.verdict == "error" and t.error:
+        return f"{words}: {t.error}"
+    return words
+
+
+def _unsafe_text(t: TargetReport, limit: int = 3) -> str:
+    names = [f.path for f in t.unsafe_files]
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _md_cell(text: str) -> str:
+    """Table cells must stay on one line and must not end the cell early."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def to_markdown(report: ScanReport) -> str:
+    """A summary table for ``$GITHUB_STEP_SUMMARY`` or a PR comment, then unsafe-file details."""
+    lines = [
+        "## otbr-hub scan",
+        "",
+        "| Target | Verdict | p-value | Suspected target | Unsafe files |",
+        "|---|---|---|---|---|",
+    ]
+    for t in report.targets:
+        name = f"{t.target}@{t.revision}" if t.revision else t.target
+        cells = [
+            f"`{name}`".replace("|", "\\|"),
+            _md_cell(_verdict_text(t)),
+            _fmt_p(t.backdoor.p_value if t.backdoor else None),
+            _md_cell(_fmt_target(t.backdoor)),
+            _md_cell(_unsafe_text(t)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not report.targets:
+        lines.append("| (no targets) | | | | |")
+
+    details = [(t, f, x) for t in report.targets for f in t.files for x in f.findings if x.severity in ("critical", "high")]
+    if details:
+        lines += ["", "### Unsafe file findings", ""]
+        for t, f, x in details:
+            lines.append(f"- **{x.severity}** `{x.code}` in `{f.path}` ({_md_cell(t.target)}): {_md_cell(x.message)}")
+    counts = report.summary()["verdicts"]
+    tally = ", ".join(f"{n} {VERDICT_WORDS[v].lower()}" for v, n in counts.items() if n)
+    lines += ["", f"otbr-hub {report.tool_version}, {report.created}" + (f": {tally}." if tally else ".")]
+    return "\n".join(lines) + "\n"
+
+
+_VERDICT_STYLE = {
+    "clean": "green",
+    "suspicious": "yellow",
+    "backdoored": "bold red",
+    "unsafe-file": "bold red",
+    "skipped": "dim",
+    "error": "magenta",
+}
+
+
+def to_console(report: ScanReport, console: Any = None) -> None:
+    """Print the summary table (and unsafe-file findings) with ``rich``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="otbr-hub scan")
+    for column in ("Target", "Verdict", "p-value", "Suspected target", "Unsafe files"):
+        table.add_column(column, overflow="fold")
+    for t in report.targets:
+        name = f"{t.target}@{t.revision}" if t.revision else t.target
+        table.add_row(
+            _escape(name),
+            f"[{_VERDICT_STYLE[t.verdict]}]{_escape(_verdict_text(t))}[/]",
+            _fmt_p(t.backdoor.p_value if t.backdoor else None),
+            _escape(_fmt_target(t.backdoor)),
+            _escape(_unsafe_text(t)),
+        )
+    console.print(table)
+    for t in report.targets:
+        for f in t.unsafe_files:
+            for x in f.findings:
+                if SEVERITY_RANK[x.severity] >= SEVERITY_RANK["high"]:
+                    console.print(f"  [red]{x.severity}[/] {_escape(f.path)}: {_escape(x.message)}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def render(report: ScanReport, fmt: str) -> str:
+    """The report as text in one of ``FORMATS``; the console format is rendered without colour."""
+    if fmt == "json":
+        return to_json(report)
+    if fmt == "sarif":
+        return to_sarif(report)
+    if fmt == "markdown":
+        return to_markdown(report)
+    if fmt == "console":
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        to_console(report, Console(file=buffer, width=120, no_color=True, highlight=False))
+        return buffer.getvalue()
+    raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+
+
+def write_report(report: ScanReport, fmt: str, output_path: str | Path | None = None) -> None:
+    """Print the report, or write it to ``output_path`` atomically.
+
+    The file is written to a temporary sibling and moved into place with ``os.replace``,
+    so a CI step reading it never sees half a report, even if the scan is interrupted.
+    """
+    if output_path is None:
+        if fmt == "console":
+            to_console(report)
+        else:
+            print(render(report, fmt), end="")
+        return
+    text = render(report, fmt)
+    target = Path(output_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "BackdoorEvidence",
+    "TargetReport",
+    "ScanReport",
+    "Finding",
+    "FileReport",
+    "SCHEMA_VERSION",
+    "VERDICTS",
+    "FORMATS",
+    "FAIL_ON_LEVELS",
+    "exit_code",
+    "to_json",
+    "to_sarif",
+    "to_markdown",
+    "to_console",
+    "render",
+    "write_report",
+    "tool_version",
+    "json_schema",
+]

@@ -1,0 +1,124 @@
+"""The repair CLI on local folders: output format, report, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from otbr_hub.cli import main
+from otbr_hub.load import load_folder
+from tiny import timm_folder, transformers_folder
+
+FAST = ["--unlearn-steps", "2", "--unlearn-batch", "16", "--verify-samples", "32", "--device", "cpu"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_repair_timm_folder_writes_same_format(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src", dtype=torch.float16)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["repair", str(src), "--output", str(out), "--prune-ratio", "0.05", *FAST], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "otbr_report.json"]
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((out / "otbr_report.json").read_text())
+    assert report["prune_ratio"] == 0.05 and report["neurons_pruned"] >= 1
+    assert report["source_dtype"] == "float16"
+    assert "prune ratio 0.05" in stdout
+    assert load_folder(out).dtype == torch.float16
+
+
+def test_repair_transformers_folder_carries_processor(tmp_path, capsys):
+    src = transformers_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["repair", str(src), "-o", str(out), "--prune-ratio", "0.05", "--quiet", *FAST], capsys)
+    assert code == 0, err
+    assert (out / "preprocessor_config.json").read_text() == (src / "preprocessor_config.json").read_text()
+    reloaded = load_folder(out)
+    assert type(reloaded.model).__name__ == "ViTForImageClassification"
+    assert reloaded.spec.mean == (0.5, 0.5, 0.5)
+
+
+def test_quiet_prints_nothing(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src")
+    code, stdout, err = run_cli(["repair", str(src), "-o", str(tmp_path / "o"), "--prune-ratio", "0.1", "-q", *FAST], capsys)
+    assert code == 0 and stdout == "" and err == ""
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    good = timm_folder(tmp_path / "good")
+    not_model = tmp_path / "notmodel"
+    not_model.mkdir()
+    (not_model / "notes.txt").write_text("hello")
+    nan = timm_folder(tmp_path / "nan")
+    sd = load_file(nan / "model.safetensors")
+    sd["conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_file(sd, nan / "model.safetensors")
+    text = tmp_path / "text"
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(text)
+    return {
+        "not a model": ([str(not_model)], "not a model folder"),
+        "missing path": ([str(tmp_path / "nope")], "not a folder"),
+        "no supported layer": ([str(good), "--layer-types", "linear"], "no supported layer"),
+        "text model": ([str(text)], "not an image classifier"),
+        "nan weights": ([str(nan)], "NaN"),
+        "ratio too big": ([str(good), "--prune-ratio", "1.5"], "(0, 1)"),
+        "ratio zero": ([str(good), "--prune-ratio", "0"], "(0, 1)"),
+        "ratio not a number": ([str(good), "--prune-ratio", "lots"], "prune-ratio"),
+        "lambda": ([str(good), "--lambda", "2"], "lambda"),
+        "unknown preset": ([str(good), "--preset", "magic"], "preset"),
+    }
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    for name, (args, expected) in _bad_inputs(tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        code, stdout, err = run_cli(["repair", *args, "--output", str(out), *FAST], capsys)
+        assert code != 0, name
+        lines = [l for l in err.strip().splitlines() if l]
+        assert len(lines) == 1, (name, err)
+        assert expected in lines[0], (name, lines[0])
+        assert "Traceback" not in err
+        assert not out.exists(), name
+        assert not list(tmp_path.glob(f".out-{name.replace(' ', '-')}*")), name
+
+
+def test_missing_output_parent(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src")
+    code, _, err = run_cli(["repair", str(src), "--output", str(tmp_path / "no" / "such" / "dir"), *FAST], capsys)
+    assert code != 0 and "parent folder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+
+
+def test_non_empty_output_is_not_overwritten(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(["repair", str(src), "--output", str(out), *FAST], capsys)
+    assert code != 0 and "not empty" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_console_script_runs_as_a_process(tmp_path):
+    """The installed entry point: a real process, no traceback on bad input."""
+    proc = subprocess.run([sys.executable, "-m", "otbr_hub", "repair", str(tmp_path), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("otbr-hub: error:") and "Traceback" not in proc.stderr

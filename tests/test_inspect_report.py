@@ -1,0 +1,366 @@
+"""Weight-file inspection and scan report rendering: no model, no detector, CPU only."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from otbr_hub.errors import UsageError
+from otbr_hub.inspect import FileReport, Finding, inspect_file, inspect_folder
+from otbr_hub.report import (
+    BackdoorEvidence,
+    ScanReport,
+    TargetReport,
+    exit_code,
+    json_schema,
+    render,
+    to_json,
+    to_markdown,
+    to_sarif,
+    write_report,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _WritesMarker:
+    """Unpickling this runs ``exec`` and creates a file: the classic malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _codes(report: FileReport) -> set[str]:
+    return {f.code for f in report.findings}
+
+
+def _write_safetensors(path: Path, header: dict, data: bytes, *, length: int | None = None) -> Path:
+    """Raw safetensors bytes, so tests can forge any header the library would refuse to write."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _f32(offsets: list[int], shape: list[int], dtype: str = "F32") -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+@pytest.mark.parametrize("payload", [_WritesMarker, _RunsShell])
+def test_malicious_pickle_is_critical_and_never_runs(tmp_path: Path, payload: type) -> None:
+    marker = tmp_path / "marker.txt"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(payload(marker)))
+
+    report = inspect_file(evil)
+
+    assert not marker.exists(), "inspection must not unpickle"
+    assert not report.safe
+    critical = [f for f in report.findings if f.severity == "critical"]
+    assert critical and critical[0].code == "pickle-unsafe-import"
+    assert critical[0].details["name"] in ("exec", "system")
+    # The payload is live: loading it really would have written the marker.
+    pickle.loads(evil.read_bytes())
+    assert marker.exists()
+
+
+def test_malicious_object_inside_torch_zip(tmp_path: Path) -> None:
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2), "x": _WritesMarker(marker)}, path)
+
+    report = inspect_file(path)
+
+    assert report.format == "torch-zip"
+    assert "pickle-unsafe-import" in _codes(report)
+    assert not report.safe and not marker.exists()
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_clean_state_dict_is_safe(tmp_path: Path, zipped: bool) -> None:
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(torch.nn.Linear(4, 3).state_dict(), path, _use_new_zipfile_serialization=zipped)
+
+    report = inspect_file(path)
+
+    assert report.safe and report.findings == []
+    assert report.format == ("torch-zip" if zipped else "pickle")
+    assert report.size == path.stat().st_size and len(report.sha256 or "") == 64
+
+
+def test_unlisted_global_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "training_args.bin"
+    path.write_bytes(pickle.dumps(Path("x")))  # harmless class, but not plain weights
+
+    report = inspect_file(path)
+
+    assert not report.safe
+    (finding,) = report.findings
+    assert finding.code == "pickle-unlisted-import" and finding.severity == "high"
+
+
+def test_pickle_named_safetensors_is_flagged(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(pickle.dumps(_RunsShell(tmp_path / "m")))
+
+    report = inspect_file(path)
+
+    assert {"format-mismatch", "pickle-unsafe-import"} <= _codes(report)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def test_valid_safetensors_is_safe(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {"a": torch.ones(2, 3), "b": torch.zeros(5, dtype=torch.bfloat16), "c": torch.ones(0)},
+        str(path),
+        metadata={"format": "pt"},
+    )
+
+    report = inspect_file(path)
+
+    assert report.format == "safetensors"
+    assert report.safe and report.findings == []
+
+
+@pytest.mark.parametrize(
+    ("name", "header", "data", "length", "code"),
+    [
+        ("length past end", {"a": _f32([0, 16], [4])}, bytes(16), 10_000, "safetensors-truncated"),
+        ("length over limit", {"a": _f32([0, 16], [4])}, bytes(16), 2**40, "safetensors-bad-header"),
+        ("overlap", {"a": _f32([0, 16], [4]), "b": _f32([8, 24], [4])}, bytes(24), None, "safetensors-bad-offsets"),
+        ("gap", {"a": _f32([0, 16], [4]), "b": _f32([20, 36], [4])}, bytes(36), None, "safetensors-bad-offsets"),
+        ("data past end", {"a": _f32([0, 16], [4])}, bytes(12), None, "safetensors-truncated"),
+        ("trailing bytes", {"a": _f32([0, 16], [4])}, bytes(20), None, "safetensors-bad-offsets"),
+        ("unknown dtype", {"a": _f32([0, 16], [4], "F128")}, bytes(16), None, "safetensors-unknown-dtype"),
+        ("size vs shape", {"a": _f32([0, 16], [3])}, bytes(16), None, "safetensors-size-mismatch"),
+        ("bad metadata", {"__metadata__": {"epoch": 3}, "a": _f32([0, 16], [4])}, bytes(16), None, "safetensors-bad-metadata"),
+        ("bad shape", {"a": _f32([0, 16], [-4])}, bytes(16), None, "safetensors-bad-header"),
+    ],
+)
+def test_corrupt_safetensors_is_reported(
+    tmp_path: Path, name: str, header: dict, data: bytes, length: int | None, code: str
+) -> None:
+    path = _write_safetensors(tmp_path / "model.safetensors", header, data, length=length)
+
+    report = inspect_file(path)
+
+    assert code in _codes(report), (name, report.findings)
+    assert not report.safe
+
+
+def test_truncated_safetensors_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(8)}, str(path))
+    path.write_bytes(path.read_bytes()[:-4])
+    assert "safetensors-truncated" in _codes(inspect_file(path))
+
+    path.write_bytes(b"\x01\x02")
+    assert "safetensors-truncated" in _codes(inspect_file(path))
+
+
+def test_duplicate_header_keys(tmp_path: Path) -> None:
+    raw = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    report = inspect_file(path)
+    assert "safetensors-bad-header" in _codes(report) and "repeats" in report.findings[0].message
+
+
+# --------------------------------------------------------------------------- folders and indexes
+
+
+def test_folder_walk_and_shard_index(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    index = {"weight_map": {"a": "model-00001-of-00001.safetensors", "b": "../../etc/passwd", "c": "gone.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "junk.bin").write_bytes(b"not scanned")
+
+    reports = {r.path: r for r in inspect_folder(tmp_path)}
+
+    assert set(reports) == {"model-00001-of-00001.safetensors", "model.safetensors.index.json"}
+    assert reports["model-00001-of-00001.safetensors"].safe
+    idx = reports["model.safetensors.index.json"]
+    assert idx.format == "shard-index"
+    assert {"shard-index-path-escape", "shard-index-missing-shard"} <= _codes(idx)
+    assert not idx.safe
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _clean_file() -> FileReport:
+    return FileReport("model.safetensors", "safetensors", 128, "0" * 64)
+
+
+def _unsafe_file() -> FileReport:
+    finding = Finding("critical", "pickle-unsafe-import", "unpickling imports posix.system", {"module": "posix"})
+    return FileReport("pytorch_model.bin", "torch-zip", 256, "a" * 64, [finding])
+
+
+def _evidence(p: float, target: int | None) -> BackdoorEvidence:
+    return BackdoorEvidence(
+        statistic="mmbd-max-margin",
+        p_value=p,
+        suspected_target=target,
+        suspected_label=None if target is None else "cat",
+        per_class=[13.0, 58.0, float("nan")],
+        thresholds={"p_value": 0.05},
+        weight_evidence={"note": "none"},
+    )
+
+
+def _target(verdict: str, **kw) -> TargetReport:
+    defaults = {"files": [_clean_file()], "timings": {"inspect": 0.1}}
+    if verdict in ("clean", "suspicious", "backdoored"):
+        defaults["backdoor"] = _evidence(0.3 if verdict == "clean" else 1e-11, None if verdict == "clean" else 1)
+    return TargetReport(target=kw.pop("target", f"models/{verdict}"), source=kw.pop("source", "folder"), verdict=verdict, **{**defaults, **kw})
+
+
+def _full_report() -> ScanReport:
+    return ScanReport(
+        targets=[
+            _target("clean"),
+            _target("suspicious"),
+            _target("backdoored", target="org/model", source="hub", revision="abc123"),
+            _target("unsafe-file", files=[_unsafe_file(), _clean_file()]),
+            _target("skipped", files=[], skipped="not an image classifier"),
+            _target("error", files=[], error="out of memory | retry"),
+        ],
+        settings={"p_threshold": 0.05, "fail_on": "backdoored"},
+    )
+
+
+def test_json_validates_against_schema() -> None:
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+
+    for report in (_full_report(), ScanReport()):
+        data = json.loads(to_json(report))
+        validator.validate(data)
+    data = json.loads(to_json(_full_report()))
+    assert data["schema_version"] == "1.0"
+    assert data["targets"][2]["backdoor"]["p_value"] == pytest.approx(1e-11)
+    assert data["targets"][2]["backdoor"]["per_class"][2] is None  # NaN is not JSON
+    assert data["targets"][4]["backdoor"] is None
+    assert data["summary"]["unsafe_files"] == 1
+
+    data["targets"][0]["verdict"] = "fine"
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(data)
+
+
+def test_sarif_structure() -> None:
+    sarif = json.loads(to_sarif(_full_report()))
+
+    assert sarif["version"] == "2.1.0" and "sarif" in sarif["$schema"]
+    (run,) = sarif["runs"]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == "otbr-hub" and driver["informationUri"].startswith("https://") and driver["version"]
+    rule_ids = [r["id"] for r in driver["rules"]]
+    assert len(rule_ids) == len(set(rule_ids))
+    for rule in driver["rules"]:
+        assert {"id", "shortDescription", "fullDescription", "helpUri", "defaultConfiguration"} <= set(rule)
+        assert rule["shortDescription"]["text"] and rule["fullDescription"]["text"]
+        assert rule["defaultConfiguration"]["level"] in ("error", "warning", "note")
+    for result in run["results"]:
+        assert result["ruleId"] in rule_ids and rule_ids[result["ruleIndex"]] == result["ruleId"]
+        assert result["level"] in ("error", "warning", "note") and result["message"]["text"]
+        uri = result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        assert uri and not uri.startswith("/")
+    by_rule = {r["ruleId"]: r for r in run["results"]}
+    assert set(by_rule) == {"backdoor-suspicious", "backdoor-detected", "pickle-unsafe-import"}
+    assert by_rule["backdoor-detected"]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == (
+        "https://huggingface.co/org/model/blob/abc123/model.safetensors"
+    )
+    assert by_rule["pickle-unsafe-import"]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == (
+        "models/unsafe-file/pytorch_model.bin"
+    )
+    assert run["invocations"][0]["executionSuccessful"] is False
+
+
+def test_markdown_table() -> None:
+    md = to_markdown(_full_report())
+
+    assert "| Target | Verdict | p-value | Suspected target | Unsafe files |" in md
+    assert "| `org/model@abc123` | Backdoor detected | 1.00e-11 | 1 (cat) | none |" in md
+    assert "| `models/unsafe-file` | Unsafe file |" in md and "pytorch_model.bin" in md
+    assert "out of memory \\| retry" in md  # a pipe in a message must not break the table
+    assert "Skipped: not an image classifier" in md
+
+
+def test_console_render() -> None:
+    text = render(_full_report(), "console")
+    assert "Backdoor detected" in text and "org/model@abc123" in text
+    with pytest.raises(UsageError):
+        render(_full_report(), "xml")
+
+
+def test_write_report_is_atomic(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "scan.sarif"
+    write_report(_full_report(), "sarif", out)
+    write_report(_full_report(), "sarif", out)  # overwriting in place works too
+
+    assert json.loads(out.read_text())["version"] == "2.1.0"
+    assert [p.name for p in out.parent.iterdir()] == ["scan.sarif"]
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "fail_on", "expected"),
+    [
+        (["clean"], "backdoored", 0),
+        (["clean", "skipped"], "backdoored", 0),
+        (["suspicious"], "backdoored", 0),
+        (["suspicious"], "suspicious", 1),
+        (["backdoored"], "backdoored", 1),
+        (["backdoored", "error"], "backdoored", 1),  # a finding outranks a scan error
+        (["backdoored"], "unsafe-file", 0),
+        (["unsafe-file"], "backdoored", 1),
+        (["unsafe-file"], "unsafe-file", 1),
+        (["unsafe-file"], "none", 0),
+        (["clean", "error"], "backdoored", 2),
+        (["suspicious", "error"], "backdoored", 2),
+        (["skipped", "error"], "backdoored", 2),
+        (["skipped", "skipped"], "backdoored", 3),
+        ([], "backdoored", 3),
+    ],
+)
+def test_exit_code(verdicts: list[str], fail_on: str, expected: int) -> None:
+    targets = [_target(v, files=[_unsafe_file()] if v == "unsafe-file" else []) for v in verdicts]
+    assert exit_code(ScanReport(targets=targets), fail_on) == expected
+
+
+def test_exit_code_counts_unsafe_files_under_any_verdict() -> None:
+    report = ScanReport(targets=[_target("clean", files=[_unsafe_file()])])
+    assert exit_code(report) == 1
+    assert exit_code(report, "none") == 0
+    with pytest.raises(UsageError) as err:
+        exit_code(report, "sometimes")
+    assert err.value.exit_code == 4
