@@ -71,9 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-dataset", help="measure ACC/ASR on this dataset ('fashion_mnist', a saved datasets folder, or a Hub id)")
     r.add_argument("--trigger", help="trigger spec for ASR, e.g. 'badnets:target=3', or a trigger.json file")
     r.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many test images")
+    hub = r.add_argument_group("publishing")
+    hub.add_argument("--push", action="store_true", help="upload the repaired model to <your-namespace>/<name>-otbr (or --repo-id)")
+    hub.add_argument("--pr", action="store_true", help="open a pull request with the repaired weights on the source repo instead")
+    hub.add_argument("--repo-id", help="destination repo for --push")
+    hub.add_argument("--private", action="store_true", help="create the --push destination as a private repo")
+    hub.add_argument("--revision", help="source revision (branch, tag, commit sha or refs/pr/N); 'user/model@rev' also works")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     r.add_argument("-v", "--verbose", action="store_true", help="print details (and tracebacks on unexpected errors)")
     add_settings_flags(r)
+
+    from .scan_cli import add_scan_parser
+
+    add_scan_parser(sub)
     return p
 
 
@@ -86,21 +96,31 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from .save import check_destination, save_model
 
     settings = settings_from_args(args)
-    if not args.output:
-        raise UsageError("--output is required")
-    check_destination(args.output, overwrite=args.overwrite)
+    publishing = args.push or args.pr
+    if args.push and args.pr:
+        raise UsageError("--push and --pr are alternatives; pick one")
+    if not args.output and not publishing:
+        raise UsageError("--output is required (or publish with --push / --pr)")
+    if args.output:
+        check_destination(args.output, overwrite=args.overwrite)
     evaluation = _prepare_eval(args)
     say = (lambda *a: None) if args.quiet else print
 
     t0 = time.perf_counter()
-    result = repair(args.source, settings)
+    source = args.source if not args.revision else f"{args.source}@{args.revision}"
+    result = repair(source, settings)
     report = result.report
     if evaluation is not None:
         report.evaluation = _evaluate(evaluation, result)
     report.timings["total"] = round(time.perf_counter() - t0, 3)
     report_dict = report.to_dict()
     report_dict["command"] = " ".join(["otbr-hub", *sys.argv[1:]]) if sys.argv else "otbr-hub repair"
-    out = save_model(result.source, result.model, args.output, extra_files={"otbr_report.json": report_dict}, overwrite=args.overwrite)
+    if args.output:
+        out = save_model(result.source, result.model, args.output, extra_files={"otbr_report.json": report_dict}, overwrite=args.overwrite)
+    if publishing:
+        from .push import publish
+
+        url = publish(result, report_dict, repo_id=args.repo_id, private=args.private, pr=args.pr, folder=out if args.output else None)
 
     say(f"repaired {report.source} ({report.library}, {report.neurons_scored} neurons in {report.layers_scored} layers)")
     say(f"  prune ratio {report.prune_ratio:g}: {report.ratio_reason}")
@@ -110,7 +130,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
         ev = report.evaluation
         say(f"  before: ACC {ev['before']['acc']:5.1f}%  ASR {ev['before']['asr']:5.1f}%")
         say(f"  after:  ACC {ev['after']['acc']:5.1f}%  ASR {ev['after']['asr']:5.1f}%   DER {ev['der']:.3f}")
-    say(f"  saved to {out} in {report.timings['total']:.1f} s")
+    if args.output:
+        say(f"  saved to {out} in {report.timings['total']:.1f} s")
+    if publishing:
+        say(f"  {'opened pull request' if args.pr else 'pushed to'} {url}")
     return 0
 
 
@@ -162,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "repair":
             return cmd_repair(args)
-        if args.command == "scan":  # pragma: no cover - wired in by the scan module
+        if args.command == "scan":
             from .scan_cli import cmd_scan
 
             return cmd_scan(args)
