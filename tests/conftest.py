@@ -1,0 +1,8 @@
+"""Shared fixtures. Fixture modules live beside this file and are imported here."""
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from hubserver import hub_server  # noqa: E402,F401
