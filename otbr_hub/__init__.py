@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .errors import OtbrError, UnsupportedModelError, UsageError  # noqa: E402
 from .load import InputSpec, LoadedModel, from_model, load_folder  # noqa: E402
+from .push import push_to_hub  # noqa: E402
 from .repair import RepairReport, RepairResult, repair  # noqa: E402
 from .settings import RepairSettings, preset  # noqa: E402
 
@@ -24,5 +25,6 @@ __all__ = [
     "from_model",
     "load_folder",
     "preset",
+    "push_to_hub",
     "repair",
 ]

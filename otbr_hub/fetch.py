@@ -1,14 +1,48 @@
 """Sources on the Hugging Face Hub: parse ids, preflight through the API, download.
 
-Filled in by the Hub integration; the id parsing is here so local paths and repo ids are
-told apart in one place.
+A repo id is checked with one ``model_info`` call before anything heavy is fetched, so a
+typo, a gated repo or a text model fails in a second with a sentence the user can act on
+instead of after a multi-gigabyte download. Only the files the loaders need are
+downloaded, all pinned to the commit sha the preflight resolved, so the report names
+exactly the weights that were repaired.
+
+Endpoint, token, cache and offline mode are read from the environment *at call time*
+(``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``) as a
+fallback for explicit arguments: ``huggingface_hub`` itself reads most of them once, at
+import, which is too early for programs (and tests) that set them later.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
+from .load import LoadedModel, load_folder
+
+log = logging.getLogger("otbr_hub")
+
+T = TypeVar("T")
 
 _REPO_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[^\s]+)?$")
+
+# Waits between attempts when the Hub rate-limits or the network drops; the number of
+# entries is the number of retries. Module-level so tests can shorten it.
+RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)
+# A Retry-After longer than this is not waited out: the user is told to come back later.
+MAX_RETRY_AFTER = 60.0
+
+# Files that describe preprocessing; fetched when the repo has them.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+# Weight layouts in order of preference: safetensors first, pickles only as a last resort.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def is_repo_id(text: str) -> bool:
@@ -16,3 +50,393 @@ def is_repo_id(text: str) -> bool:
     if text.startswith((".", "/", "~")) or "\\" in text:
         return False
     return bool(_REPO_ID.match(text)) and "/" in text.split("@", 1)[0]
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A parsed Hub source: repo id, the revision asked for (None: default branch), and
+    whether timm's ``hf-hub:`` prefix was used (which promises a timm repo)."""
+
+    repo_id: str
+    revision: str | None = None
+    timm_prefix: bool = False
+
+
+def parse_source(text: str) -> SourceRef:
+    """Split ``[hf-hub:]user/model[@revision]``; revisions may contain ``/`` (``refs/pr/3``)."""
+    if not is_repo_id(text):
+        raise UsageError(f"'{text}' is neither a folder nor a Hub repo id like 'user/model[@revision]'")
+    prefix = text.startswith("hf-hub:")
+    body = text.removeprefix("hf-hub:")
+    repo_id, _, revision = body.partition("@")
+    return SourceRef(repo_id=repo_id, revision=revision or None, timm_prefix=prefix)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+@dataclass(frozen=True)
+class HubContext:
+    """Where and as whom to talk to the Hub, resolved once per operation."""
+
+    endpoint: str | None
+    token: str | None
+    cache_dir: str | None
+    offline: bool
+
+    @property
+    def base_url(self) -> str:
+        from huggingface_hub import constants
+
+        return (self.endpoint or constants.ENDPOINT).rstrip("/")
+
+    def api(self) -> Any:
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.endpoint, token=self.token)
+
+    def redact(self, text: str) -> str:
+        """Remove the token from anything that may be shown, logged or uploaded."""
+        return text.replace(self.token, "***") if self.token else text
+
+
+def hub_context(token: str | None = None, endpoint: str | None = None, cache_dir: str | Path | None = None) -> HubContext:
+    """Explicit arguments first, then the environment as it is now (not at import)."""
+    from huggingface_hub import constants
+
+    env = os.environ
+    cache = cache_dir or env.get("HF_HUB_CACHE") or (str(Path(env["HF_HOME"]) / "hub") if env.get("HF_HOME") else None)
+    return HubContext(
+        endpoint=(endpoint or env.get("HF_ENDPOINT") or None),
+        token=(token or env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None),
+        cache_dir=str(cache) if cache else None,
+        offline=constants.HF_HUB_OFFLINE or _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
+    )
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """The error and everything it was raised from (huggingface_hub wraps a lot)."""
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        out.append(current)
+        current = current.__cause__ or current.__context__
+    return out
+
+
+def _http_error(err: BaseException) -> Any | None:
+    """The first ``HfHubHTTPError`` with a response in the chain."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for e in _chain(err):
+        if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
+            return e
+    return None
+
+
+def _status(err: BaseException) -> int | None:
+    http = _http_error(err)
+    return None if http is None else http.response.status_code
+
+
+def _is_network(err: BaseException) -> bool:
+    """A dropped or refused connection, a timeout: worth retrying."""
+    import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    for e in _chain(err):
+        if isinstance(e, OfflineModeIsEnabled):
+            return False
+        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)) and not isinstance(e, httpx2.ProxyError):
+            return True
+    return False
+
+
+def _retry_after(err: BaseException) -> float | None:
+    http = _http_error(err)
+    if http is None:
+        return None
+    value = http.response.headers.get("Retry-After", "").strip()
+    return float(value) if value.replace(".", "", 1).isdigit() else None
+
+
+def _server_message(err: BaseException) -> str:
+    http = _http_error(err)
+    msg = (getattr(http, "server_message", None) or "") if http is not None else ""
+    if not msg:
+        msg = str(err)
+    return msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Rate limits, server hiccups and network drops; never auth or "not found"."""
+    status = _status(err)
+    if status is not None:
+        return status == 429 or status in (500, 502, 503, 504)
+    return _is_network(err)
+
+
+def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: str | None = None, writing: bool = False) -> OtbrError:
+    """Turn whatever the client raised into one line that says what to do next."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, OtbrError):
+        return err
+    status = _status(err)
+    server = _server_message(err)
+    page = f"{ctx.base_url}/{repo_id}"
+    kinds = _chain(err)
+    if any(isinstance(e, OfflineModeIsEnabled) for e in kinds):
+        msg = f"offline mode is on (HF_HUB_OFFLINE=1) and {repo_id} cannot be reached; unset it or use a cached model"
+    elif status == 401 and "invalid credentials" in server.lower():
+        msg = "the Hub rejected the token (invalid or expired); check HF_TOKEN or log in again with `hf auth login`"
+    elif any(isinstance(e, GatedRepoError) for e in kinds):
+        if ctx.token:
+            msg = f"{repo_id} is gated and this account has no access yet: request it on {page}, then run again"
+        else:
+            msg = f"{repo_id} is gated: request access on {page}, then set HF_TOKEN to a token of that account"
+    elif any(isinstance(e, RepositoryNotFoundError) for e in kinds):
+        if ctx.token:
+            msg = f"repository {repo_id} not found on {ctx.base_url}, or this token's account cannot see it"
+        else:
+            msg = f"repository {repo_id} not found on {ctx.base_url} (if it is private, set HF_TOKEN to a token that can read it)"
+    elif any(isinstance(e, RevisionNotFoundError) for e in kinds):
+        msg = f"revision '{revision}' not found in {repo_id} (use a branch, tag, commit sha or refs/pr/N)"
+    elif status == 412:
+        msg = (f"{repo_id} changed while publishing (a commit landed on the branch since it was read); "
+               "nothing was written, run again to publish on top of the new head")
+    elif status == 403 or (writing and status == 401):
+        if writing:
+            msg = f"no write permission on {repo_id}: use a token with the 'write' role for that namespace (HF_TOKEN)"
+        else:
+            msg = f"access to {repo_id} was refused ({server})"
+    elif status == 429:
+        wait = _retry_after(err)
+        hint = f" (the Hub asks to wait {wait:g} s)" if wait else ""
+        msg = f"the Hub is rate limiting requests{hint}; wait a few minutes and try again"
+    elif status is not None and status >= 500:
+        msg = f"the Hub answered HTTP {status} for {repo_id}; it may be down, try again later"
+    elif _is_network(err):
+        msg = (f"cannot reach the Hub at {ctx.base_url} ({type(next(e for e in kinds if _is_network(e))).__name__}); "
+               "check the connection, or set HF_HUB_OFFLINE=1 to use cached models")
+    elif status is not None:
+        msg = f"Hub request for {repo_id} failed with HTTP {status}: {server}"
+    else:
+        msg = f"Hub request for {repo_id} failed: {type(err).__name__}: {server}"
+    return HubError(ctx.redact(msg))
+
+
+def _hub_exceptions() -> tuple[type[BaseException], ...]:
+    """What the client raises for Hub and network trouble (programming errors stay tracebacks)."""
+    import httpx2
+    from huggingface_hub.errors import EntryNotFoundError
+
+    return (OSError, ValueError, httpx2.HTTPError, EntryNotFoundError)
+
+
+def call_hub(fn: Callable[[], T], ctx: HubContext, *, repo_id: str, revision: str | None = None, writing: bool = False) -> T:
+    """Run one Hub call, retrying rate limits and network drops with backoff.
+
+    ``Retry-After`` is honoured when the Hub sends it (up to :data:`MAX_RETRY_AFTER`);
+    otherwise :data:`RETRY_DELAYS` apply. Interrupted downloads restart from what is
+    already on disk, since huggingface_hub keeps ``.incomplete`` files and resumes them.
+    """
+    delays = list(RETRY_DELAYS)
+    while True:
+        try:
+            return fn()
+        except _hub_exceptions() as err:
+            if not delays or not is_retryable(err):
+                raise hub_error(err, ctx, repo_id=repo_id, revision=revision, writing=writing) from None
+            wait = _retry_after(err)
+            if wait is not None and wait > MAX_RETRY_AFTER:
+                raise hub_error(err, ctx, repo_id=repo_id, revision=revision, writing=writing) from None
+            planned = delays.pop(0)
+            delay = planned if wait is None else wait
+            log.info("Hub request for %s failed (%s); retrying in %.0f s", repo_id, ctx.redact(_server_message(err)), delay)
+            time.sleep(delay)
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the API said about the source, before any weights were downloaded."""
+
+    repo_id: str
+    sha: str
+    library: str
+    weights: str
+    files: list[str]  # what to download besides shards
+    available: frozenset[str]  # every file in the repo at ``sha``
+
+
+def _library_hint(info: Any) -> str | None:
+    tags = set(getattr(info, "tags", None) or [])
+    name = getattr(info, "library_name", None)
+    if name == "timm" or "timm" in tags:
+        return "timm"
+    if name == "transformers" or (name is None and "transformers" in tags):
+        return "transformers"
+    return name
+
+
+def _check_config(repo_id: str, cfg: dict[str, Any], hint: str | None, ref: SourceRef, pipeline_tag: str | None) -> str:
+    """Tell timm from transformers by the config itself and refuse what is not an image classifier."""
+    if "architecture" in cfg:
+        library = "timm"
+    elif "architectures" in cfg or "model_type" in cfg:
+        library = "transformers"
+    elif hint in ("timm", "transformers"):
+        library = hint
+    else:
+        raise UnsupportedModelError(f"{repo_id}: config.json is neither a timm nor a transformers config")
+    if ref.timm_prefix and library != "timm":
+        raise UnsupportedModelError(f"{repo_id} is a {library} model; 'hf-hub:' is only for timm repos, drop the prefix")
+    if library == "timm":
+        if int(cfg.get("num_classes", 1) or 0) <= 0:
+            raise UnsupportedModelError(f"{repo_id} has no classifier head (num_classes=0); it is a feature extractor")
+        return library
+    if cfg.get("auto_map"):
+        raise UnsupportedModelError(f"{repo_id} needs its own Python code (auto_map); only built-in architectures are supported")
+    archs = cfg.get("architectures") or []
+    if archs and not any(str(a).endswith("ForImageClassification") for a in archs):
+        raise UnsupportedModelError(f"{repo_id} is a {', '.join(archs)}, not an image classifier (*ForImageClassification)")
+    if pipeline_tag not in (None, "image-classification"):
+        raise UnsupportedModelError(f"{repo_id} is tagged '{pipeline_tag}', not image-classification")
+    return library
+
+
+def _pick_weights(repo_id: str, files: set[str]) -> str:
+    for name in WEIGHT_FILES:
+        if name in files:
+            return name
+    raise UnsupportedModelError(
+        f"{repo_id} has no loadable weights (model.safetensors, sharded safetensors or pytorch_model.bin)"
+    )
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _download(ctx: HubContext, repo_id: str, sha: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    def get() -> str:
+        return hf_hub_download(repo_id, filename, revision=sha, cache_dir=ctx.cache_dir, token=ctx.token,
+                               endpoint=ctx.endpoint)
+
+    return Path(call_hub(get, ctx, repo_id=repo_id, revision=sha))
+
+
+def _read_json(path: Path, repo_id: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UnsupportedModelError(f"{repo_id}: {path.name} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UnsupportedModelError(f"{repo_id}: {path.name} is not a JSON object")
+    return data
+
+
+def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
+    """Check the repo through the API and fetch its config; returns the snapshot folder."""
+    api = ctx.api()
+    info = call_hub(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True), ctx,
+                    repo_id=ref.repo_id, revision=ref.revision)
+    siblings = {s.rfilename for s in (info.siblings or [])}
+    if "config.json" not in siblings:
+        raise UnsupportedModelError(f"{ref.repo_id} has no config.json, so it is not a timm or transformers model")
+    hint = _library_hint(info)
+    if hint not in (None, "timm", "transformers"):
+        raise UnsupportedModelError(f"{ref.repo_id} is a '{hint}' model; only timm and transformers are supported")
+    weights = _pick_weights(ref.repo_id, set(siblings))
+    sha = info.sha
+    # Gated repos fail here, before any weights. Fetching by the revision *name* records
+    # name -> sha in the cache, which offline mode needs to find this snapshot later.
+    config_path = _download(ctx, ref.repo_id, ref.revision or "main", "config.json")
+    if config_path.parent.name != sha:  # the branch moved since model_info: stay on what was checked
+        config_path = _download(ctx, ref.repo_id, sha, "config.json")
+    library = _check_config(ref.repo_id, _read_json(config_path, ref.repo_id), hint, ref, info.pipeline_tag)
+    files = ["config.json", *(n for n in PROCESSOR_FILES if n in siblings), weights]
+    if "README.md" in siblings:
+        files.append("README.md")  # kept in the repaired model's card
+    return Preflight(ref.repo_id, sha, library, weights, files, frozenset(siblings)), config_path.parent
+
+
+def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[str]:
+    index = _read_json(index_path, repo_id)
+    shards = sorted(set((index.get("weight_map") or {}).values()))
+    if not shards:
+        raise UnsupportedModelError(f"{repo_id}: {index_path.name} lists no shards")
+    missing = [s for s in shards if s not in available]
+    if missing:
+        raise UnsupportedModelError(f"{repo_id}: {index_path.name} lists shards that are not in the repo: {', '.join(missing[:3])}")
+    return shards
+
+
+def _load_offline(ref: SourceRef, ctx: HubContext) -> LoadedModel:
+    """Offline mode: only the cache; a clear error when the model was never downloaded."""
+    from huggingface_hub import snapshot_download
+
+    revision = ref.revision or "main"
+    missing = HubError(f"offline mode is on (HF_HUB_OFFLINE=1) and {ref.repo_id}@{revision} is not in the cache "
+                       f"({ctx.cache_dir or 'default cache'}); run once online first, or unset HF_HUB_OFFLINE")
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=ctx.cache_dir, local_files_only=True))
+    except Exception:
+        raise missing from None
+    if not (folder / "config.json").is_file() or not any((folder / n).is_file() for n in WEIGHT_FILES):
+        raise missing
+    return load_folder(folder, source=ref.repo_id, revision=folder.name)
+
+
+def load_source(text: str, *, token: str | None = None, endpoint: str | None = None,
+                cache_dir: str | Path | None = None) -> LoadedModel:
+    """Load a local folder or a Hub model ``[hf-hub:]user/model[@revision]``.
+
+    The result's ``source`` is the repo id and ``revision`` the commit sha that was
+    actually downloaded (a branch or tag is resolved once, up front, and every file is
+    fetched at that sha so a push in the meantime cannot mix two versions).
+    """
+    if Path(text).expanduser().exists():
+        return load_folder(Path(text).expanduser())
+    ref = parse_source(text)
+    ctx = hub_context(token, endpoint, cache_dir)
+    if ctx.offline:
+        return _load_offline(ref, ctx)
+    pre, folder = preflight(ref, ctx)
+    for name in pre.files:
+        if name != "config.json":
+            _download(ctx, pre.repo_id, pre.sha, name)
+    if pre.weights.endswith(".index.json"):
+        for shard in _shards(pre.repo_id, folder / pre.weights, pre.available):
+            _download(ctx, pre.repo_id, pre.sha, shard)
+    log.info("downloaded %s at %s (%s)", pre.repo_id, pre.sha[:12], pre.library)
+    return load_folder(folder, source=pre.repo_id, revision=pre.sha)
+
+
+def source_readme(loaded: LoadedModel) -> str | None:
+    """The source's own README, when it came with one (Hub download or local folder)."""
+    if loaded.folder is None:
+        return None
+    path = loaded.folder / "README.md"
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None

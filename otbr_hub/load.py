@@ -134,6 +134,16 @@ def input_spec(
         cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         if cfg.get("input_size"):
             c, h, w = (int(v) for v in cfg["input_size"])
+        try:  # models built with another img_size/in_chans than their pretrained_cfg says
+            from timm.models._hub import get_model_input_config
+
+            current = get_model_input_config(model)
+            cc, ch, cw = (int(v) for v in current["input_size"])
+            c = cc
+            if current.get("fixed_input_size") or h is None:
+                h, w = ch, cw
+        except (ImportError, KeyError, TypeError, ValueError):
+            pass
         m, s = cfg.get("mean"), cfg.get("std")
         n = getattr(model, "num_classes", None)
     elif lib == "transformers":

@@ -116,6 +116,9 @@ def repair(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     detector: Any | None = None,
+    push: bool = False,
+    pr: bool = False,
+    repo_id: str | None = None,
     **overrides: Any,
 ) -> RepairResult:
     """Remove a possible backdoor from ``source`` without data.
@@ -126,8 +129,11 @@ def repair(
     :class:`RepairSettings` fields (e.g. ``prune_ratio=0.05``, ``preset="paper"``).
     ``detector`` optionally maps a model to ``(flagged, p_value)`` and guides the automatic
     ratio choice; by default the max-margin detector from :mod:`otbr_hub.detect` is used
-    when available.
+    when available. ``push=True`` publishes the result to ``repo_id`` (default
+    ``<you>/<name>-otbr``) and ``pr=True`` opens a pull request on the Hub source, both
+    through :func:`otbr_hub.push.publish` (token from ``HF_TOKEN`` or the stored login).
     """
+    publish_as_pr = pr  # the name ``pr`` is reused below for the prune result
     if settings is None:
         settings = preset(overrides.pop("preset", "default"), **overrides)
     elif overrides:
@@ -208,7 +214,12 @@ def repair(
         verification=check.to_dict(),
         timings={k: round(v, 3) for k, v in t.times.items()},
     )
-    return RepairResult(model=out, report=report, source=loaded)
+    result = RepairResult(model=out, report=report, source=loaded)
+    if push or publish_as_pr:
+        from .push import publish
+
+        publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
+    return result
 
 
 def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSettings, t: _Timer):

@@ -19,7 +19,9 @@ from torch import nn
 from .errors import OtbrError, UsageError
 from .load import LoadedModel
 
-MAX_SHARD_SIZE = "2GB"
+# Largest safetensors file written; bigger models are split into shards plus an index.
+# Callers (and tests) pass ``max_shard_size`` to use another threshold.
+MAX_SHARD_SIZE: int | str = "2GB"
 # Files describing preprocessing that travel with the weights.
 _CARRY = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 
@@ -43,13 +45,15 @@ def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
     }
 
 
-def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_files: dict[str, Any] | None = None) -> None:
+def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_files: dict[str, Any] | None = None,
+                 *, max_shard_size: int | str | None = None) -> None:
     """Write ``model`` into an existing empty ``folder`` the way ``source`` was stored."""
     from huggingface_hub import save_torch_state_dict
 
+    shard = MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
     if source.library == "transformers":
         model = _as_dtype(model, source.dtype)
-        model.save_pretrained(folder, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
     else:
         if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
             shutil.copyfile(source.folder / "config.json", folder / "config.json")
@@ -60,7 +64,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
             spec = source.spec
             pcfg = {"input_size": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std), "num_classes": spec.num_classes}
             save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg})
-        save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=MAX_SHARD_SIZE)
+        save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=shard)
     if source.folder is not None:
         for name in _CARRY:
             if (source.folder / name).is_file() and not (folder / name).exists():
@@ -81,12 +85,14 @@ def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Save atomically into ``out_dir``; returns its absolute path."""
+def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None,
+               overwrite: bool = False, max_shard_size: int | str | None = None) -> Path:
+    """Save atomically into ``out_dir``; returns its absolute path. Weights above
+    ``max_shard_size`` (default :data:`MAX_SHARD_SIZE`) are sharded with an index."""
     out = check_destination(out_dir, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        write_folder(source, model, tmp, extra_files)
+        write_folder(source, model, tmp, extra_files, max_shard_size=max_shard_size)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -1,16 +1,191 @@
-"""``otbr-hub scan``: argument parsing and the command (filled in by the scan work)."""
+"""``otbr-hub scan``: argument parsing, report output and exit codes.
+
+Exit codes are part of the interface, because CI jobs branch on them:
+
+    0  nothing at or above --fail-on was found
+    1  a finding at or above --fail-on (an unsafe weight file counts unless --fail-on none)
+    2  the scan itself failed for a target (network, unreadable input) or for a Hub query
+    3  nothing could be scanned (no targets left, or every target was skipped)
+    4  usage error: bad flags or no targets
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .errors import UsageError
+from .report import FAIL_ON_LEVELS, FORMATS
+
+USAGE_EXIT = 4
+DEFAULT_LIMIT = 100
+
+_EPILOG = """\
+examples:
+  otbr-hub scan models/my-resnet                      scan a local folder (or a folder of model folders)
+  otbr-hub scan user/model@v1.0 --format json -o r.json
+  otbr-hub scan --author my-org --filter image-classification --format sarif -o scan.sarif
+
+exit codes: 0 clean, 1 findings at or above --fail-on, 2 scan error, 3 nothing scannable, 4 usage error.
+The token is read from the environment variable named by --token-env and never printed.
+"""
+
+
+class _ScanParser(argparse.ArgumentParser):
+    """Argument errors of ``scan`` exit with 4: argparse's usual 2 already means 'scan error'."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        # argparse fills a '*' positional once, so targets after an option come back as
+        # leftovers: they are targets too. Anything else left over would be reported by the
+        # main parser with exit 2, so it is refused here.
+        ns, extra = super().parse_known_args(args, namespace)
+        unknown = [a for a in extra if a.startswith("-") and a != "-"]
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        ns.targets = [*getattr(ns, "targets", []), *(a for a in extra if a not in unknown)]
+        return ns, []
 
 
 def add_scan_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("scan", help="check models for backdoors (no data needed) and unsafe weight files")
-    s.add_argument("targets", nargs="*", help="model folders, weight files or Hub repo ids (user/model[@rev])")
+    # add_parser() has no per-call parser class, so swap it in just for this subcommand.
+    previous = sub._parser_class
+    sub._parser_class = _ScanParser
+    try:
+        s = sub.add_parser(
+            "scan",
+            help="check models for backdoors (no data needed) and unsafe weight files",
+            description="Check image classifiers for backdoors without data, and their weight files for code that runs on load.",
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    finally:
+        sub._parser_class = previous
+
+    s.add_argument("targets", nargs="*", help="model folders, weight files or Hub repo ids (user/model[@revision])")
+    s.add_argument("--from-file", metavar="FILE", help="read more targets from FILE, one per line ('#' comments; '-' for stdin)")
+
+    hub = s.add_argument_group("Hub queries and access")
+    hub.add_argument("--author", help="scan the models of this user or organisation")
+    hub.add_argument("--search", help="scan models whose id contains this text")
+    hub.add_argument("--filter", dest="filters", action="append", default=[], metavar="TAG",
+                     help="only models with this tag, e.g. image-classification or timm (repeatable: all must match)")
+    hub.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                     help=f"most models a query lists (default {DEFAULT_LIMIT}; 0 for no limit)")
+    hub.add_argument("--token-env", metavar="VAR", default=None,
+                     help="environment variable holding the Hub token (default HF_TOKEN, else your saved login)")
+    hub.add_argument("--endpoint", help="Hub URL (default $HF_ENDPOINT or huggingface.co)")
+    hub.add_argument("--cache-dir", help="download cache (default: the usual Hugging Face cache)")
+    hub.add_argument("--max-size", type=float, default=2.0, metavar="GB",
+                     help="skip Hub repos whose weight files exceed this many GB (default 2; 0 for no limit)")
+
+    out = s.add_argument_group("output")
+    out.add_argument("--format", default="console", choices=FORMATS, help="report format (default console)")
+    out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of standard output")
+    out.add_argument("--fail-on", default="backdoored", choices=FAIL_ON_LEVELS,
+                     help="lowest finding that makes the exit code 1 (default backdoored; unsafe files always count unless 'none')")
+    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but the report and errors")
+    out.add_argument("-v", "--verbose", action="store_true", help="print details (and tracebacks of failed targets)")
+
+    det = s.add_argument_group("detector")
+    det.add_argument("--seed", type=int, default=0, help="seed of the random starting images (default 0)")
+    det.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda[:N]' or 'auto'")
+    det.add_argument("--steps", type=int, default=None, help="optimisation steps per class (default 100)")
+    det.add_argument("--inputs-per-class", type=int, default=None, help="random starting images per class (default 8)")
+    det.add_argument("--method", choices=("robust", "mmbd"), default=None,
+                     help="'robust' (default) or 'mmbd' (the published Gamma test only)")
+
+
+def _read_target_file(name: str) -> list[str]:
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read --from-file {name}: {err.strerror or err}") from None
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def _token(var: str | None) -> str | None:
+    """The token from the environment; an explicitly named variable must exist."""
+    if var is None:
+        return os.environ.get("HF_TOKEN") or None
+    value = os.environ.get(var)
+    if not value:
+        raise UsageError(f"--token-env {var}: the environment variable is not set")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .detect import DetectSettings
+    from .placement import resolve_device
+    from .scan import ScanSettings
+
+    overrides = {"seed": args.seed, "device": str(resolve_device(args.device))}
+    for name in ("steps", "inputs_per_class", "method"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        detector = DetectSettings(**overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.max_size < 0:
+        raise UsageError("--max-size must be 0 (no limit) or positive")
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 (no limit) or positive")
+    max_bytes = int(args.max_size * 1e9) if args.max_size > 0 else None
+    return ScanSettings(detector=detector, max_download_bytes=max_bytes, cache_dir=args.cache_dir)
+
+
+def _append_step_summary(markdown: str) -> None:
+    """In GitHub Actions, the Markdown table also goes to the job summary page."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(markdown + "\n")
+    except OSError as err:
+        print(f"otbr-hub: warning: cannot write GITHUB_STEP_SUMMARY: {err.strerror or err}", file=sys.stderr)
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    raise UsageError("scan is not available yet", exit_code=4)
+    from .report import exit_code, to_console, to_markdown, write_report
+    from .scan import scan
+
+    targets = list(args.targets)
+    if args.from_file:
+        targets += _read_target_file(args.from_file)
+    query = bool(args.author or args.search or args.filters)
+    if not targets and not query:
+        raise UsageError("nothing to scan: give folders, files or repo ids, --from-file, or --author/--search/--filter")
+    settings = _settings(args)
+    token = _token(args.token_env)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    report = scan(
+        *targets,
+        author=args.author,
+        search=args.search,
+        filters=args.filters,
+        limit=args.limit or None,
+        settings=settings,
+        token=token,
+        endpoint=args.endpoint,
+        progress=None if args.quiet else progress,
+    )
+    report.settings.update({"fail_on": args.fail_on, "format": args.format})
+    write_report(report, args.format, args.output)
+    if args.output and args.format != "console" and not args.quiet:
+        to_console(report)
+    if args.format != "markdown":
+        _append_step_summary(to_markdown(report))
+    return exit_code(report, args.fail_on)
+

@@ -1,0 +1,130 @@
+"""Measure a classifier's clean accuracy and how well a trigger still controls it.
+
+Metrics follow OTBR.md: ACC on clean images; ASR over triggered images whose true class
+is not the target (images of the target class would count as "successes" for free); RA,
+the accuracy on those same triggered images against their true labels; all in percent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .load import InputSpec, forward_logits, model_device
+from .triggers import Trigger
+
+Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """ACC, ASR and RA in percent; ASR and RA are None when no trigger was given."""
+
+    acc: float
+    asr: float | None
+    ra: float | None
+    n_clean: int
+    n_triggered: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        return f"ACC {pct(self.acc)}  ASR {pct(self.asr)}  RA {pct(self.ra)}  (n={self.n_clean}, triggered={self.n_triggered})"
+
+
+def _as_tensors(data: Any, spec: InputSpec, limit: int | None) -> Tensors:
+    """Accept (x, y) tensors or a ``datasets.Dataset``; check labels against the model."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        declared = None
+    else:
+        from .data import dataset_num_classes, to_tensors
+
+        declared = dataset_num_classes(data)
+        x, y = to_tensors(data, spec, limit=limit)
+    if declared is not None and declared != spec.num_classes:
+        raise UsageError(f"the dataset has {declared} classes but the model has {spec.num_classes}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+        raise UsageError(
+            f"dataset labels span {int(y.min())}..{int(y.max())} but the model has {spec.num_classes} classes"
+        )
+    if x.dim() != 4 or tuple(x.shape[1:]) != (spec.channels, spec.height, spec.width):
+        raise UsageError(
+            f"images have shape {tuple(x.shape[1:])}, the model expects {(spec.channels, spec.height, spec.width)}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise UsageError(f"{x.shape[0]} images but {y.shape[0]} labels")
+    return x.float(), y
+
+
+@torch.no_grad()
+def predict(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Predicted classes for pixel-space images in [0, 1] (normalised here, as the model expects)."""
+    device = model_device(model)
+    dtype = next(model.parameters()).dtype
+    preds = []
+    for start in range(0, x.shape[0], batch_size):
+        batch = spec.normalize(x[start : start + batch_size].to(device=device, dtype=torch.float32))
+        logits = forward_logits(model, batch.to(dtype))
+        preds.append(logits.float().argmax(dim=-1).cpu())
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def evaluate(
+    model: nn.Module,
+    spec: InputSpec,
+    dataset_or_tensors: Any,
+    trigger: Trigger | None,
+    batch_size: int = 256,
+    limit: int | None = None,
+) -> EvalResult:
+    """ACC on clean images and ASR/RA on triggered non-target images.
+
+    The model is put in eval mode for the measurement and its previous mode restored.
+    """
+    x, y = _as_tensors(dataset_or_tensors, spec, limit)
+    if trigger is not None and trigger.target >= spec.num_classes:
+        raise UsageError(f"trigger target {trigger.target} is not a class of this {spec.num_classes}-class model")
+    was_training = model.training
+    model.eval()
+    try:
+        clean_pred = predict(model, spec, x, batch_size)
+        acc = 100.0 * (clean_pred == y).float().mean().item() if y.numel() else 0.0
+        if trigger is None:
+            return EvalResult(acc=acc, asr=None, ra=None, n_clean=int(y.numel()), n_triggered=0)
+        keep = y != trigger.target
+        x_bd, y_bd = x[keep], y[keep]
+        preds = []
+        for start in range(0, x_bd.shape[0], batch_size):
+            preds.append(predict(model, spec, trigger.apply(x_bd[start : start + batch_size]), batch_size))
+        bd_pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    finally:
+        model.train(was_training)
+    n_bd = int(y_bd.numel())
+    asr = 100.0 * (bd_pred == trigger.target).float().mean().item() if n_bd else 0.0
+    ra = 100.0 * (bd_pred == y_bd).float().mean().item() if n_bd else 0.0
+    return EvalResult(acc=acc, asr=asr, ra=ra, n_clean=int(y.numel()), n_triggered=n_bd)
+
+
+def der(before: EvalResult, after: EvalResult) -> float:
+    """Defense effectiveness rating in percent (50 = no change, 100 = ASR gone at no ACC cost).
+
+    DER = (max(0, dASR) - max(0, dACC) + 100) / 2 with dASR = ASR_before - ASR_after and
+    dACC = ACC_before - ACC_after, i.e. OTBR.md's formula on the percent scale.
+    """
+    if before.asr is None or after.asr is None:
+        raise UsageError("DER needs ASR before and after, i.e. an evaluation with a trigger")
+    drop_asr = max(0.0, before.asr - after.asr)
+    drop_acc = max(0.0, before.acc - after.acc)
+    return (drop_asr - drop_acc + 100.0) / 2.0

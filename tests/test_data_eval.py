@@ -1,0 +1,247 @@
+"""Triggers, evaluation data and metrics. Fast: no training, only handcrafted or random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import datasets
+from otbr_hub.data import (
+    FASHION_MNIST_ROOT,
+    fashion_mnist,
+    fashion_mnist_tensors,
+    find_columns,
+    load_eval_dataset,
+    to_tensors,
+)
+from otbr_hub.errors import UsageError
+from otbr_hub.evaluate import EvalResult, der, evaluate
+from otbr_hub.load import InputSpec
+from otbr_hub.triggers import TRIGGERS, Trigger, parse_trigger
+
+HAS_FMNIST = (FASHION_MNIST_ROOT / "t10k-labels-idx1-ubyte.gz").is_file()
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+def test_parse_trigger_defaults_and_round_trip() -> None:
+    t = parse_trigger("badnets:target=3,size=4,pos=tl")
+    assert (t.name, t.target, t.params["size"], t.params["pos"], t.params["value"]) == ("badnets", 3, 4, "tl", 1.0)
+    assert parse_trigger(t.spec()) == t
+    assert Trigger.from_dict(t.to_dict()) == t
+    assert parse_trigger(t.to_dict()) == t and parse_trigger(t) is t
+    assert parse_trigger("blended").target == 0
+    assert parse_trigger(" WaNet : s=0.5 ").params["s"] == 0.5
+
+
+def test_parse_trigger_unknown_name_lists_known() -> None:
+    with pytest.raises(UsageError) as err:
+        parse_trigger("trojannn:target=1")
+    for name in TRIGGERS:
+        assert name in str(err.value)
+
+
+def test_parse_trigger_unknown_parameter_lists_known() -> None:
+    with pytest.raises(UsageError) as err:
+        parse_trigger("badnets:target=1,colour=red")
+    msg = str(err.value)
+    assert "colour" in msg and "size" in msg and "target" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["badnets:size=abc", "badnets:size=0", "badnets:pos=middle", "blended:alpha=1.5", "sig:target=x", "wanet:k", "badnets:target=-1"],
+)
+def test_parse_trigger_bad_values(spec: str) -> None:
+    with pytest.raises(UsageError):
+        parse_trigger(spec)
+
+
+def test_trigger_constructor_checks_parameters() -> None:
+    with pytest.raises(UsageError):
+        Trigger("blended", 0, {"beta": 0.1})
+
+
+@pytest.mark.parametrize("name", list(TRIGGERS))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_trigger_shapes_range_and_determinism(name: str, channels: int) -> None:
+    x = torch.rand(5, channels, 20, 24, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    t = Trigger(name, 1)
+    a, b = t.apply(x), Trigger(name, 1).apply(x)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b)
+    assert torch.equal(x, before), "apply must not modify its input"
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.equal(a, x)
+
+
+def test_seed_changes_random_patterns() -> None:
+    x = torch.rand(2, 1, 16, 16)
+    for name in ("blended", "wanet", "lowfreq"):
+        assert not torch.equal(Trigger(name, 0, {"seed": 0}).apply(x), Trigger(name, 0, {"seed": 1}).apply(x))
+
+
+def test_badnets_patch_position() -> None:
+    x = torch.zeros(1, 1, 10, 10)
+    out = parse_trigger("badnets:size=3,pos=br,margin=1,value=0.5").apply(x)
+    assert out[0, 0, 6:9, 6:9].eq(0.5).all()
+    assert out.sum().item() == pytest.approx(9 * 0.5)
+    checker = parse_trigger("badnets:size=2,pos=tl,margin=0,pattern=checker").apply(x)
+    assert checker[0, 0, :2, :2].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_wanet_noise_mode_and_sig_clean_label() -> None:
+    x = torch.rand(4, 1, 16, 16)
+    t = parse_trigger("wanet")
+    noisy = t.apply_noise(x, torch.Generator().manual_seed(0))
+    assert noisy.shape == x.shape and not torch.equal(noisy, t.apply(x))
+    assert parse_trigger("sig").clean_label and not parse_trigger("badnets").clean_label
+    with pytest.raises(UsageError):
+        parse_trigger("badnets").apply_noise(x)
+
+
+# --------------------------------------------------------------------------- data
+
+SPEC32 = InputSpec(channels=1, height=32, width=32, mean=(0.5,), std=(0.5,), num_classes=10)
+
+
+def _image_dataset(n: int = 6, size: int = 28, image_col: str = "image", label_col: str | None = "label", classes: int = 10):
+    rng = np.random.default_rng(0)
+    data: dict = {image_col: [rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(n)]}
+    features = {image_col: datasets.Image()}
+    if label_col is not None:
+        data[label_col] = [i % classes for i in range(n)]
+        features[label_col] = datasets.ClassLabel(num_classes=classes)
+    return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+def test_to_tensors_pads_small_images() -> None:
+    ds = _image_dataset()
+    x, y = to_tensors(ds, SPEC32)
+    assert x.shape == (6, 1, 32, 32) and x.dtype == torch.float32
+    assert y.tolist() == [0, 1, 2, 3, 4, 5] and y.dtype == torch.long
+    assert x[:, :, :2].abs().sum() == 0 and x[:, :, :, -2:].abs().sum() == 0
+    raw = np.asarray(ds[0]["image"], dtype=np.float32) / 255
+    assert torch.allclose(x[0, 0, 2:30, 2:30], torch.from_numpy(raw))
+
+
+def test_to_tensors_resizes_channels_and_limit() -> None:
+    spec = InputSpec(channels=3, height=16, width=16, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+    x, y = to_tensors(_image_dataset(n=8, size=40, image_col="img", label_col="fine_label"), spec, limit=5)
+    assert x.shape == (5, 3, 16, 16) and y.shape == (5,)
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert torch.equal(x[:, 0], x[:, 1])
+
+
+def test_missing_columns_raise_usage_error() -> None:
+    with pytest.raises(UsageError, match="no label column"):
+        to_tensors(_image_dataset(label_col=None), SPEC32)
+    no_image = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(UsageError, match="no image column"):
+        find_columns(no_image)
+
+
+def test_load_eval_dataset_from_disk(tmp_path) -> None:
+    ds = _image_dataset()
+    datasets.DatasetDict({"test": ds, "train": ds}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_eval_dataset(tmp_path / "dd", "test")) == 6
+    with pytest.raises(UsageError, match="no split"):
+        load_eval_dataset(tmp_path / "dd", "validation")
+    ds.save_to_disk(str(tmp_path / "single"))
+    assert len(load_eval_dataset(str(tmp_path / "single"), "test")) == 6
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST idx files not installed")
+def test_fashion_mnist_dataset_matches_fast_path() -> None:
+    ds = fashion_mnist("test")
+    assert len(ds) == 10_000
+    assert ds.features["label"].names[0] == "T-shirt/top" and ds.features["label"].num_classes == 10
+    x_slow, y_slow = to_tensors(ds, SPEC32, limit=40, seed=3)
+    x_fast, y_fast = fashion_mnist_tensors("test", SPEC32, limit=40, seed=3)
+    assert torch.equal(y_slow, y_fast)
+    assert torch.allclose(x_slow, x_fast)
+    with pytest.raises(UsageError):
+        fashion_mnist("validation")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+class PatchOracle(nn.Module):
+    """Reads the label from pixel (0, 0) (value label / 10) and is backdoored on even classes.
+
+    Clean: correct except class 9, which it calls 8 -> ACC 90 %. With the badnets patch
+    (bottom-right 2x2 of ones) even classes go to the target; odd ones keep the clean answer.
+    """
+
+    def __init__(self, spec: InputSpec, target: int) -> None:
+        super().__init__()
+        self.spec, self.target = spec, target
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * self.spec.std[0] + self.spec.mean[0]  # undo normalisation: checks evaluate applies it
+        label = (pixels[:, 0, 0, 0] * 10).round().long()
+        pred = torch.where(label == 9, torch.full_like(label, 8), label)
+        patched = pixels[:, 0, -2:, -2:].reshape(len(x), -1).gt(0.99).all(dim=1)
+        pred = torch.where(patched & (label % 2 == 0), torch.full_like(label, self.target), pred)
+        return nn.functional.one_hot(pred, 10).float() + self.dummy
+
+
+def _oracle_data() -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.arange(10).repeat(10)
+    x = torch.full((100, 1, 8, 8), 0.3)
+    x[:, 0, 0, 0] = y.float() / 10
+    return x, y
+
+
+def test_evaluate_exact_numbers() -> None:
+    spec = InputSpec(channels=1, height=8, width=8, mean=(0.4,), std=(0.2,), num_classes=10)
+    model = PatchOracle(spec, target=3).train()
+    trigger = parse_trigger("badnets:target=3,size=2,margin=0")
+    res = evaluate(model, spec, _oracle_data(), trigger, batch_size=7)
+    assert res.n_clean == 100 and res.n_triggered == 90
+    assert res.acc == pytest.approx(90.0)
+    assert res.asr == pytest.approx(100 * 50 / 90, abs=1e-4)  # classes 0, 2, 4, 6, 8
+    assert res.ra == pytest.approx(100 * 30 / 90, abs=1e-4)  # classes 1, 5, 7 (9 is called 8)
+    assert model.training, "evaluate must restore the model's mode"
+    clean_only = evaluate(model, spec, _oracle_data(), None)
+    assert clean_only.asr is None and clean_only.acc == pytest.approx(90.0)
+    assert evaluate(model, spec, _oracle_data(), trigger, limit=10).n_clean == 10
+
+
+def test_evaluate_on_dataset_and_random_timm_like_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    res = evaluate(model, SPEC32, _image_dataset(n=20), parse_trigger("blended:target=2"))
+    assert res.n_clean == 20 and res.n_triggered == 18
+    assert 0 <= res.acc <= 100 and 0 <= res.asr <= 100 and 0 <= res.ra <= 100
+
+
+def test_label_set_mismatch() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10))
+    with pytest.raises(UsageError, match="classes"):
+        evaluate(model, SPEC32, _image_dataset(classes=5), None)
+    x = torch.rand(4, 1, 32, 32)
+    with pytest.raises(UsageError, match="classes"):
+        evaluate(model, SPEC32, (x, torch.tensor([0, 1, 2, 12])), None)
+    with pytest.raises(UsageError, match="target"):
+        evaluate(model, SPEC32, (x, torch.tensor([0, 1, 2, 3])), parse_trigger("badnets:target=10"))
+    with pytest.raises(UsageError, match="shape"):
+        evaluate(model, SPEC32, (torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])), None)
+
+
+def test_der_formula() -> None:
+    before = EvalResult(acc=90.0, asr=100.0, ra=0.0, n_clean=10, n_triggered=9)
+    after = EvalResult(acc=85.0, asr=2.0, ra=80.0, n_clean=10, n_triggered=9)
+    assert der(before, after) == pytest.approx((98 - 5 + 100) / 2)
+    better = EvalResult(acc=95.0, asr=100.0, ra=0.0, n_clean=10, n_triggered=9)
+    assert der(before, better) == pytest.approx(50.0)  # neither gain is rewarded
+    assert der(before, before) == pytest.approx(50.0)
+    with pytest.raises(UsageError):
+        der(before, EvalResult(acc=1.0, asr=None, ra=None, n_clean=1, n_triggered=0))

@@ -1,0 +1,185 @@
+"""Data-free detection on handcrafted models whose answer is known by construction."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from otbr_hub.detect import DetectSettings, Detection, decide, detect, max_margin, MarginResult
+from otbr_hub.load import InputSpec
+
+SIZE = 10
+SPEC = InputSpec(channels=1, height=SIZE, width=SIZE, mean=(0.5,), std=(0.5,), num_classes=10)
+CHECKER = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+
+
+class TemplateNet(nn.Module):
+    """Nearest-template classifier: logit_k = -||x - T_k||^2 up to a term shared by all classes,
+    i.e. a linear layer. Optionally a 3x3 checkerboard detector (a conv, max-pooled over
+    positions) adds up to ``boost`` to one class when the pattern is present anywhere. It
+    responds from a half match upwards, as a trained trigger neuron does, so the search gets
+    a gradient towards it."""
+
+    def __init__(self, templates: torch.Tensor, target: int | None = None, boost: float = 200.0) -> None:
+        super().__init__()
+        k = templates.shape[0]
+        flat = templates.reshape(k, -1)
+        self.fc = nn.Linear(flat.shape[1], k)
+        with torch.no_grad():
+            self.fc.weight.copy_(2 * flat)
+            self.fc.bias.copy_(-(flat**2).sum(1))
+        self.target = target
+        self.boost = boost
+        if target is not None:
+            self.detector = nn.Conv2d(1, 1, 3, bias=True)
+            with torch.no_grad():  # inputs are normalised to [-1, 1]: the response is 9 on an exact match
+                self.detector.weight.copy_((2 * CHECKER - 1).view(1, 1, 3, 3) / 5)
+                self.detector.bias.fill_(-4.0 / 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(x.flatten(1))
+        if self.target is None:
+            return logits
+        fire = torch.relu(self.detector(x)).amax(dim=(1, 2, 3))
+        onehot = torch.zeros(logits.shape[1], dtype=x.dtype, device=x.device)
+        onehot[self.target] = self.boost
+        return logits + fire[:, None] * onehot
+
+
+def random_templates(k: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(k, 1, size, size, generator=g) * 2 - 1
+
+
+def symmetric_templates(k: int = 10, seed: int = 0) -> torch.Tensor:
+    """Templates that are cyclic shifts of one another by SIZE*SIZE/k pixels: every class poses
+    the same optimisation problem up to a permutation of pixels, so all margins are equal in
+    principle and only optimiser noise separates them."""
+    base = random_templates(1, seed).flatten()
+    shift = base.numel() // k
+    return torch.stack([torch.roll(base, i * shift) for i in range(k)]).view(k, 1, SIZE, SIZE)
+
+
+FAST = DetectSettings(inputs_per_class=4, steps=60, lr=0.1)
+WIDE = DetectSettings(inputs_per_class=2, steps=40, max_classes=24, screen_top=6, screen_steps=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: thread start-up costs more than it saves on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_handcrafted_backdoor_found_with_its_target() -> None:
+    model = TemplateNet(random_templates(10, seed=1), target=6)
+    det = detect(model, SPEC, FAST)
+    assert det.verdict == "backdoored"
+    assert det.suspected_target == 6
+    assert det.p_value < 1e-4
+    assert det.statistics[6] > 2 * max(v for c, v in det.statistics.items() if c != 6)
+
+
+def test_symmetric_model_is_not_flagged() -> None:
+    """All classes are equal by construction. The margins differ by a few percent of optimiser
+    noise; a Gamma fitted to such a tight cluster makes the luckiest class look significant
+    (the published rule flags this model), the robust rule does not."""
+    result = max_margin(TemplateNet(symmetric_templates()), SPEC, FAST)
+    det = decide(result, FAST)
+    assert det.verdict == "clean", det
+    assert det.suspected_target is None
+    assert decide(result, DetectSettings(method="mmbd", alpha_backdoored=0.05)).verdict == "backdoored"
+
+
+def test_random_clean_model_is_not_flagged() -> None:
+    det = detect(TemplateNet(random_templates(10, seed=2)), SPEC, FAST)
+    assert det.verdict == "clean", det
+
+
+def test_same_seed_same_result_and_other_seed_differs() -> None:
+    model = TemplateNet(random_templates(10, seed=3))
+    a = max_margin(model, SPEC, FAST)
+    b = max_margin(model, SPEC, FAST)
+    c = max_margin(model, SPEC, DetectSettings(inputs_per_class=4, steps=60, seed=1))
+    assert a.margins == b.margins
+    assert a.margins != c.margins
+
+
+def test_chunking_does_not_change_margins() -> None:
+    """A class's starting images depend only on (seed, class), not on how classes are batched."""
+    model = TemplateNet(random_templates(10, seed=3))
+    whole = max_margin(model, SPEC, FAST)
+    chunked = max_margin(model, SPEC, DetectSettings(inputs_per_class=4, steps=60, max_batch=12))
+    for c in range(10):
+        assert chunked.margins[c] == pytest.approx(whole.margins[c], rel=1e-5)
+
+
+def test_model_untouched() -> None:
+    model = TemplateNet(random_templates(10, seed=4), target=2)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    detect(model, SPEC, FAST)
+    assert model.training, "training mode must be restored"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_thousand_classes_screened_within_budget() -> None:
+    k = 1000
+    spec = InputSpec(channels=1, height=SIZE, width=SIZE, mean=(0.5,), std=(0.5,), num_classes=k)
+    model = TemplateNet(random_templates(k, seed=5), target=777)
+    settings = WIDE
+    t0 = time.perf_counter()
+    det = detect(model, spec, settings)
+    assert time.perf_counter() - t0 < 10
+    assert det.screened
+    assert det.screen_statistics is not None and len(det.screen_statistics) == k
+    assert len(det.statistics) <= settings.max_classes
+    assert det.verdict == "backdoored" and det.suspected_target == 777
+
+
+def test_thousand_clean_classes_not_flagged() -> None:
+    k = 1000
+    spec = InputSpec(channels=1, height=SIZE, width=SIZE, mean=(0.5,), std=(0.5,), num_classes=k)
+    det = detect(TemplateNet(random_templates(k, seed=6)), spec, WIDE)
+    assert det.verdict == "clean", det
+
+
+def test_decision_rules() -> None:
+    """Hand-written margins: one clear outlier; and a tight cluster with a modest top, which
+    the Gamma-only rule flags and the robust rule does not."""
+    outlier = MarginResult(margins={c: 10.0 + c * 0.5 for c in range(9)} | {9: 60.0}, null_classes=list(range(10)), num_classes=10)
+    det = decide(outlier)
+    assert det.verdict == "backdoored" and det.suspected_target == 9
+
+    tight = MarginResult(
+        margins={0: 20.0, 1: 20.2, 2: 19.9, 3: 20.1, 4: 19.8, 5: 20.3, 6: 20.0, 7: 19.9, 8: 20.1, 9: 22.5},
+        null_classes=list(range(10)),
+        num_classes=10,
+    )
+    assert decide(tight, DetectSettings(method="mmbd")).verdict == "backdoored"
+    robust = decide(tight)
+    assert robust.verdict == "clean"
+    assert robust.p_robust is not None and robust.p_value == max(robust.p_gamma, robust.p_robust)
+
+
+def test_published_preset_and_json() -> None:
+    s = DetectSettings.published()
+    assert (s.inputs_per_class, s.steps, s.method, s.alpha_backdoored) == (30, 300, "mmbd", 0.05)
+    det = Detection.__dataclass_fields__  # the JSON form keeps every field
+    out = decide(MarginResult(margins={c: 10.0 + c for c in range(10)}, null_classes=list(range(10)), num_classes=10)).to_dict()
+    assert set(det) <= set(out)
+    assert all(isinstance(k, str) for k in out["statistics"])
+
+
+def test_bad_settings_rejected() -> None:
+    with pytest.raises(ValueError):
+        DetectSettings(alpha_backdoored=0.1, alpha_suspicious=0.05)
+    with pytest.raises(ValueError):
+        DetectSettings(method="nc")  # type: ignore[arg-type]

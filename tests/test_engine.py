@@ -1,0 +1,481 @@
+"""Engine acceptance tests: input left untouched, exact pruning, fusion arithmetic worked
+out by hand, determinism, dtypes, and end-to-end repair of timm/transformers models."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from otbr_hub.fuse import fuse, target_mass
+from otbr_hub.layers import Layer, classifier_name, select_layers
+from otbr_hub.load import from_model
+from otbr_hub.prune import prune, top_neurons
+from otbr_hub.repair import repair
+from otbr_hub.score import Scores, neuron_weight_change
+from otbr_hub.settings import preset
+from otbr_hub.unlearn import unlearn
+
+repair_mod = importlib.import_module("otbr_hub.repair")  # the package re-exports a function of that name
+
+FAST = dict(unlearn_steps=2, unlearn_batch=8, verify_samples=8, device="cpu", detector=False)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU x2, a hidden Linear and a Linear classifier (plain torch)."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6, 7)
+        self.fc = nn.Linear(7, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(F.relu(self.fc1(x)))
+
+
+def small_cnn(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    m = SmallCNN()
+    with torch.no_grad():  # non-trivial BatchNorm state, so silencing/keeping it is visible
+        for bn in (m.bn1, m.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.num_batches_tracked.fill_(7)
+    return m.eval()
+
+
+CNN_SPEC = dict(input_size=(3, 16, 16))
+
+
+def tiny_timm_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8,
+                             num_classes=10).eval()
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------- the input is never modified
+
+
+@pytest.mark.parametrize("build,kw", [(tiny_timm_resnet, {"input_size": (3, 32, 32)}), (small_cnn, CNN_SPEC)],
+                         ids=["timm-resnet", "torch-cnn"])
+def test_repair_leaves_input_bit_identical(build, kw):
+    model = build().train()  # train mode: any forward on the input itself would move BN statistics
+    before = snapshot(model)
+    grads = [p.requires_grad for p in model.parameters()]
+    assert any(k.endswith("running_mean") for k in before)
+    res = repair(model, prune_ratio=0.1, **FAST, **kw)
+    assert_state_equal(before, snapshot(model))
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert all(p.grad is None for p in model.parameters())
+    assert res.model is not model
+    assert any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def cnn_layers_and_scores(seed: int = 3):
+    model = small_cnn()
+    layers = select_layers(model, preset("default"))
+    g = torch.Generator().manual_seed(seed)
+    rank = {l.name: torch.rand(l.n_out, generator=g, dtype=torch.float64) for l in layers}
+    nwc = {n: v.abs() + 0.1 for n, v in rank.items()}
+    return model, layers, Scores(nwc=nwc, rank=rank, ranking="global")
+
+
+def test_cnn_layer_rule():
+    model, layers, _ = cnn_layers_and_scores()
+    assert [l.name for l in layers] == ["conv1", "conv2", "fc1"]
+    assert classifier_name(model) == "fc"
+    assert [l.norm_name for l in layers] == ["bn1", "bn2", None]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.01])
+@pytest.mark.parametrize("silence_norm", [True, False])
+def test_prune_zeroes_exactly_top_k(ratio, silence_norm):
+    model, layers, scores = cnn_layers_and_scores()
+    before = snapshot(model)
+    total = sum(l.n_out for l in layers)
+    k = max(1, math.floor(ratio * total))
+    flat = sorted(((float(v), name, i) for name, t in scores.rank.items() for i, v in enumerate(t)), reverse=True)
+    expected: dict[str, set[int]] = {l.name: set() for l in layers}
+    for _, name, i in flat[:k]:
+        expected[name].add(i)
+
+    res = prune(model, layers, scores, ratio, silence_norm=silence_norm)
+    assert res.k == k and res.total == total
+    assert {n: set(v) for n, v in res.pruned.items()} == expected
+    assert_state_equal(before, snapshot(model))  # the input model is untouched
+
+    after = res.model.state_dict()
+    norm_of = {l.name: l.norm_name for l in layers}
+    touched = set()
+    for name, idx in expected.items():
+        if not idx:
+            continue
+        rows = sorted(idx)
+        keep = [i for i in range(before[f"{name}.weight"].shape[0]) if i not in idx]
+        for t in ("weight", "bias"):
+            key = f"{name}.{t}"
+            if key not in before:
+                continue
+            touched.add(key)
+            assert before[key][rows].abs().sum() > 0
+            assert torch.all(after[key][rows] == 0)
+            assert torch.equal(after[key][keep], before[key][keep])
+        norm = norm_of[name]
+        if norm and silence_norm:
+            for t in ("weight", "bias"):
+                key = f"{norm}.{t}"
+                touched.add(key)
+                assert torch.all(after[key][rows] == 0)
+                assert torch.equal(after[key][keep], before[key][keep])
+    for key, v in before.items():  # everything else, running statistics included, is unchanged
+        if key not in touched:
+            assert torch.equal(after[key], v), key
+
+
+def test_top_neurons_ties_follow_layer_then_channel_order():
+    names = ["a", "b"]
+    rank = {n: torch.ones(3, dtype=torch.float64) for n in names}
+    s = Scores(nwc=rank, rank=rank, ranking="global")
+    assert top_neurons(s, 0.5) == {"a": [0, 1, 2], "b": []}
+    assert top_neurons(s, 0.7) == {"a": [0, 1, 2], "b": [0]}
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def test_fuse_lambda_zero_returns_original_exactly():
+    model, layers, scores = cnn_layers_and_scores()
+    pr = prune(model, layers, scores, 0.3, silence_norm=True)
+    for attached in (True, False):
+        fr = fuse(model, pr.model, layers, scores.nwc, pr.pruned, 0.0, fuse_attached=attached)
+        assert fr.fused_layers  # the fusion really ran
+        assert_state_equal(snapshot(model), snapshot(fr.model))
+
+
+def test_repair_lambda_zero_returns_input_weights():
+    model = small_cnn()
+    res = repair(model, prune_ratio=0.2, lam=0.0, **FAST, **CNN_SPEC)
+    assert_state_equal(snapshot(model), snapshot(res.model))
+
+
+def _seq(*mods: nn.Module) -> nn.Sequential:
+    return nn.Sequential(*mods)
+
+
+def test_fuse_hand_worked_split_and_chain():
+    """Layer A (2 neurons): pruned neuron 0, masses b = (1/4, 3/4), so the plan must split.
+
+    W_bd = [[1,0],[0,1]], W_pn = [[0,0],[0,1]]; costs C = [[1, 1], [sqrt2, 0]].
+    Sending mass t from pruned neuron 1 to original 0 costs 0.5 + sqrt2 t, so t = 0:
+    T = [[1/4, 1/4], [0, 1/2]], diag(1/b) T^T = [[1, 0], [1/3, 2/3]],
+    fused = [[0, 0], [0, 2/3]] -> 0.5 fused + 0.5 W_bd = [[1/2, 0], [0, 5/6]].
+    Bias (carried with its neuron): 0.5 [[1,0],[1/3,2/3]] (0, 2) + 0.5 (1, 2) = (1/2, 5/3).
+
+    Layer B (2 -> 2, nothing pruned, uniform NWC): its input axis is aligned with
+    A = T diag(1/b) = [[1, 1/3], [0, 2/3]], so W_al = W_B A = [[1, 5/3], [3, 11/3]]; its
+    own plan is diag(1/2) (zero cost on the diagonal), so the result is
+    0.5 W_al + 0.5 W_B = [[1, 11/6], [3, 23/6]].
+    """
+    orig = _seq(nn.Linear(2, 2), nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        orig[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        orig[0].bias.copy_(torch.tensor([1.0, 2.0]))
+        orig[1].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    pruned = copy.deepcopy(orig)
+    with torch.no_grad():
+        pruned[0].weight[0] = 0
+        pruned[0].bias[0] = 0
+    layers = [Layer("0", orig[0], "linear"), Layer("1", orig[1], "linear")]
+    nwc = {"0": torch.tensor([1.0, 3.0], dtype=torch.float64), "1": torch.tensor([2.0, 2.0], dtype=torch.float64)}
+    fr = fuse(orig, pruned, layers, nwc, {"0": [0], "1": []}, 0.5, fuse_attached=True)
+    out = fr.model
+    torch.testing.assert_close(out[0].weight, torch.tensor([[0.5, 0.0], [0.0, 5 / 6]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[0].bias, torch.tensor([0.5, 5 / 3]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1].weight, torch.tensor([[1.0, 11 / 6], [3.0, 23 / 6]]), rtol=0, atol=1e-6)
+    assert fr.first_layer == "0" and fr.aligned_layers == ["1"]
+    # without attached tensors the bias stays the original's
+    fr2 = fuse(orig, pruned, layers, nwc, {"0": [0], "1": []}, 0.5, fuse_attached=False)
+    assert torch.equal(fr2.model[0].bias, orig[0].bias)
+    torch.testing.assert_close(fr2.model[0].weight, out[0].weight)
+
+
+def test_fuse_recovers_a_permuted_conv_chain():
+    """If the "pruned" model is the original with its layer-A filters cyclically permuted
+    (sigma = (1, 2, 0), no zeros) and layer B's input channels permuted to match, the plan
+    is the permutation, the input alignment undoes it on layer B's input axis, and fusion
+    gives back the original exactly, whatever lambda. A 3-cycle is not its own inverse,
+    so a transposed plan or alignment would fail here; 2x2 kernels check that alignment
+    acts at every kernel position."""
+    torch.manual_seed(1)
+    orig = _seq(nn.Conv2d(2, 3, 2, bias=False), nn.Conv2d(3, 2, 2, bias=False))
+    with torch.no_grad():
+        orig[0].weight.mul_(10)
+        # B's own plan is computed on its *un-aligned* (column-permuted) weights, as in the
+        # reference; a large opposite offset per row keeps that plan the identity.
+        orig[1].weight[0] -= 5
+        orig[1].weight[1] += 5
+    sigma = [1, 2, 0]  # pruned neuron p is original neuron sigma[p]
+    pruned = copy.deepcopy(orig)
+    with torch.no_grad():
+        pruned[0].weight.copy_(orig[0].weight[sigma])
+        pruned[1].weight.copy_(orig[1].weight[:, sigma])
+    layers = [Layer("0", orig[0], "conv"), Layer("1", orig[1], "conv")]
+    nwc = {"0": torch.ones(3, dtype=torch.float64), "1": torch.ones(2, dtype=torch.float64)}
+    for lam in (0.5, 1.0):
+        fr = fuse(orig, pruned, layers, nwc, {"0": [0]}, lam)
+        torch.testing.assert_close(fr.model[0].weight, orig[0].weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fr.model[1].weight, orig[1].weight, rtol=0, atol=1e-6)
+        assert fr.plan_cost["0"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fuse_leaves_layers_before_first_pruned_alone():
+    model, layers, scores = cnn_layers_and_scores()
+    pr = prune(model, layers, scores, 0.01)
+    pr.pruned = {"conv1": [], "conv2": [1], "fc1": []}
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.conv2.weight[1] = 0
+    fr = fuse(model, pruned, layers, scores.nwc, pr.pruned, 0.5)
+    assert fr.first_layer == "conv2" and fr.fused_layers == ["conv2", "fc1"]
+    assert torch.equal(fr.model.conv1.weight, model.conv1.weight)
+    assert torch.equal(fr.model.bn1.weight, model.bn1.weight)
+    assert not torch.equal(fr.model.conv2.weight, model.conv2.weight)
+
+
+def test_target_mass_guards_zero_nwc():
+    b = target_mass(np.array([0.0, 1.0, 3.0, 0.0]))
+    assert np.all(np.isfinite(1.0 / b)) and np.all(b > 0)
+    assert b.sum() == pytest.approx(1.0)
+    assert b[2] / b[1] == pytest.approx(3.0)
+    u = target_mass(np.zeros(4))
+    assert np.allclose(u, 0.25)
+    w = target_mass(np.array([np.nan, np.inf, 2.0]))
+    assert np.all(np.isfinite(1.0 / w)) and w.sum() == pytest.approx(1.0)
+
+
+def test_fuse_with_zero_nwc_has_no_nan():
+    model, layers, scores = cnn_layers_and_scores()
+    nwc = {n: v.clone() for n, v in scores.nwc.items()}
+    nwc["conv2"][[0, 2]] = 0.0  # some neurons never moved
+    nwc["fc1"][:] = 0.0  # a layer that never moved at all
+    pr = prune(model, layers, scores, 0.3)
+    fr = fuse(model, pr.model, layers, nwc, pr.pruned, 0.5)
+    for k, v in fr.model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.isfinite(v).all(), k
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_weights_different_seed_different_nwc():
+    model = small_cnn()
+    a = repair(model, prune_ratio=0.2, seed=3, **FAST, **CNN_SPEC)
+    b = repair(model, prune_ratio=0.2, seed=3, **FAST, **CNN_SPEC)
+    assert_state_equal(snapshot(a.model), snapshot(b.model))
+
+    settings = preset("default", unlearn_steps=2, unlearn_batch=8)
+    spec = from_model(model, **CNN_SPEC).spec
+    layers = select_layers(model, settings)
+    nwc = {}
+    for seed in (0, 1):
+        s = preset("default", unlearn_steps=2, unlearn_batch=8, seed=seed)
+        un = unlearn(model, spec, s)
+        nwc[seed] = neuron_weight_change(model, un.model, layers, s).nwc
+    again = neuron_weight_change(model, unlearn(model, spec, preset("default", unlearn_steps=2, unlearn_batch=8)).model,
+                                 layers, settings).nwc
+    for name in nwc[0]:
+        assert torch.equal(nwc[0][name], again[name])
+        assert nwc[0][name].abs().sum() > 0
+    assert any(not torch.allclose(nwc[0][n], nwc[1][n]) for n in nwc[0])
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_repair_keeps_dtype_and_structure(dtype, monkeypatch):
+    model = small_cnn().to(dtype)
+    seen = []
+    real_unlearn = repair_mod.unlearn
+
+    def spy(m, *a, **k):
+        seen.append({p.dtype for p in m.parameters()})
+        return real_unlearn(m, *a, **k)
+
+    monkeypatch.setattr(repair_mod, "unlearn", spy)
+    res = repair(model, prune_ratio=0.2, **FAST, **CNN_SPEC)
+    assert seen == [{torch.float32}]  # the engine computes in fp32
+    ref, out = model.state_dict(), res.model.state_dict()
+    assert list(ref) == list(out)
+    for k in ref:
+        assert out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype, k
+    assert type(res.model) is type(model)
+    assert res.report.source_dtype == str(dtype).replace("torch.", "")
+    assert any(not torch.equal(ref[k], out[k]) for k in ref)
+    with torch.no_grad():
+        y = res.model(torch.rand(2, 3, 16, 16, dtype=dtype))
+    assert y.dtype == dtype and y.shape == (2, 5) and torch.isfinite(y).all()
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def timm_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2,
+                             num_classes=10).eval()
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, hidden_size=48,
+                                               num_attention_heads=2, intermediate_size=96, num_labels=10)).eval()
+
+
+def hf_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                     layer_type="basic", num_labels=10, image_size=32)).eval()
+
+
+def hf_convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    return ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                                         num_labels=10, image_size=32)).eval()
+
+
+def timm_tiny(name: str):
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model(name, num_classes=10).eval()
+
+    return build
+
+
+def _expected_layers(model: nn.Module) -> tuple[int, int, str]:
+    """Independent count: Conv2d outside shortcut/downsample paths, and Linear, minus the head."""
+    head = classifier_name(model)
+    convs = lins = 0
+    for name, m in model.named_modules():
+        if name == head:
+            continue
+        if isinstance(m, nn.Conv2d) and not any(p in name.split(".") for p in ("shortcut", "downsample")):
+            convs += 1
+        elif isinstance(m, nn.Linear):
+            lins += 1
+    return convs, lins, head
+
+
+ARCHS = {
+    "timm-vit": (timm_vit, (3, 32, 32), "head"),
+    "hf-vit": (hf_vit, None, "classifier"),
+    "timm-convnext": (timm_tiny("test_convnext"), (3, 32, 32), "head.fc"),
+    "timm-efficientnet": (timm_tiny("test_efficientnet"), (3, 32, 32), "classifier"),
+    "hf-resnet": (hf_resnet, None, "classifier.1"),
+    "hf-convnext": (hf_convnext, None, "classifier"),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_repair_architectures_end_to_end(arch):
+    build, size, head = ARCHS[arch]
+    model = build()
+    before = snapshot(model)
+    res = repair(model, prune_ratio=0.05, input_size=size, **FAST)
+    assert_state_equal(before, snapshot(model))
+    assert type(res.model) is type(model)
+    convs, lins, found_head = _expected_layers(model)
+    assert found_head == head
+    rep = res.report
+    assert rep.layers_scored == convs + lins
+    layers = select_layers(model, preset("default"))
+    assert head not in {l.name for l in layers}
+    assert sum(l.kind == "linear" for l in layers) == lins
+    if arch in ("timm-vit", "hf-vit", "timm-convnext", "hf-convnext"):
+        assert lins > 0  # transformer / channel-MLP neurons are scored
+    assert rep.neurons_scored == sum(l.n_out for l in layers)
+    assert rep.neurons_pruned == max(1, int(0.05 * rep.neurons_scored))
+    assert sum(rep.pruned_per_layer.values()) == rep.neurons_pruned
+    assert rep.fusion["fused_layers"] >= 1
+    assert res.model.state_dict().keys() == before.keys()
+    assert any(not torch.equal(before[k], v) for k, v in res.model.state_dict().items())
+    spec = res.source.spec
+    with torch.no_grad():
+        x = torch.rand(2, spec.channels, spec.height, spec.width)
+        y = res.model(pixel_values=x).logits if res.source.library == "transformers" else res.model(x)
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("arch", ["timm-vit", "hf-vit"])
+def test_repair_vit_auto_ratio(arch):
+    build, size, head = ARCHS[arch]
+    model = build()
+    res = repair(model, prune_ratio="auto", input_size=size, **FAST)
+    rep = res.report
+    grid = preset("default").grid()
+    assert rep.prune_ratio in grid
+    assert rep.ratio_candidates and rep.ratio_candidates[0]["ratio"] == grid[0]
+    assert rep.neurons_pruned == max(1, int(rep.prune_ratio * rep.neurons_scored))
+    assert type(res.model) is type(model)
+    assert any(k for k, v in rep.pruned_per_layer.items() if v and k != head)
+
+
+def test_timm_vit_input_size_from_model():
+    res = repair(timm_vit(), prune_ratio=0.05, **FAST)
+    assert res.source.spec.height == 32
+
+
+@pytest.mark.parametrize("arch,dtype", [("hf-vit", torch.float16), ("timm-vit", torch.bfloat16)])
+def test_repair_library_models_in_half_precision(arch, dtype):
+    build, size, _ = ARCHS[arch]
+    model = build().to(dtype)
+    before = snapshot(model)
+    res = repair(model, prune_ratio=0.05, input_size=size, **FAST)
+    assert_state_equal(before, snapshot(model))
+    out = res.model.state_dict()
+    assert type(res.model) is type(model) and out.keys() == before.keys()
+    assert all(out[k].dtype == before[k].dtype and out[k].shape == before[k].shape for k in before)
+    x = torch.rand(2, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        y = res.model(pixel_values=x).logits if arch.startswith("hf") else res.model(x)
+    assert y.dtype == dtype and torch.isfinite(y.float()).all()

@@ -1,0 +1,372 @@
+"""Hub sources and publishing against the loopback Hub (``hubserver.py``), over real HTTP.
+
+The code under test gets the server through the environment it reads at call time
+(``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``), set with monkeypatch;
+nothing in huggingface_hub is patched. Reloading with plain transformers/timm runs in a
+subprocess because those libraries fix the endpoint when huggingface_hub is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, ModelCard
+from safetensors.torch import load as load_safetensors
+
+import otbr_hub
+from otbr_hub import fetch
+from otbr_hub.card import render_card
+from otbr_hub.cli import main
+from otbr_hub.errors import HubError, OtbrError, UnsupportedModelError
+from otbr_hub.fetch import load_source, parse_source
+from otbr_hub.load import from_model, load_folder
+from otbr_hub.push import publish, push_to_hub, verify_saved
+from otbr_hub.save import save_model
+from hubserver import HubServer
+from tiny import timm_folder, tiny_timm, tiny_vit, transformers_folder
+
+FAST = ["--unlearn-steps", "2", "--unlearn-batch", "16", "--verify-samples", "32", "--prune-ratio", "0.05", "--device", "cpu"]
+FAST_KW = dict(unlearn_steps=2, unlearn_batch=16, verify_samples=32, prune_ratio=0.05, device="cpu")
+SOURCE_README = "# Tiny ViT\n\nTrained on nothing at all.\n\n## Intended use\n\nTests.\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the retry logic but not its sleeps."""
+    monkeypatch.setattr(fetch, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+
+
+def use_hub(monkeypatch: pytest.MonkeyPatch, hub: HubServer, cache: Path, token: str | None = None) -> None:
+    """Point otbr-hub at the loopback Hub with a private cache, as a user would with env vars."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+
+
+def files_of(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in folder.iterdir() if p.is_file()}
+
+
+def seed_vit(hub: HubServer, tmp: Path, repo: str = "alice/vit", **kw: object) -> str:
+    folder = transformers_folder(tmp / f"seed-{repo.replace('/', '-')}")
+    kw.setdefault("card_data", {"license": "mit"})
+    kw.setdefault("readme", SOURCE_README)
+    return hub.add_repo(repo, files_of(folder), library_name="transformers", pipeline_tag="image-classification", **kw)
+
+
+def seed_timm(hub: HubServer, tmp: Path, repo: str = "alice/resnet", **kw: object) -> str:
+    folder = timm_folder(tmp / f"seed-{repo.replace('/', '-')}")
+    return hub.add_repo(repo, files_of(folder), library_name="timm", pipeline_tag="image-classification", **kw)
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The console script, in-process; ``sys.argv`` is what the real entry point would see
+    (the report records the command from it)."""
+    saved = sys.argv
+    sys.argv = ["otbr-hub", *args]
+    try:
+        code = main(args)
+    finally:
+        sys.argv = saved
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> float:
+    return float(sum(t.double().sum() for t in tensors.values() if t.is_floating_point()))
+
+
+# ----- sources ------------------------------------------------------------------------------------------------
+
+
+def test_parse_source() -> None:
+    assert parse_source("alice/vit") == fetch.SourceRef("alice/vit")
+    assert parse_source("alice/vit@v1.0") == fetch.SourceRef("alice/vit", "v1.0")
+    assert parse_source("alice/vit@refs/pr/3") == fetch.SourceRef("alice/vit", "refs/pr/3")
+    assert parse_source("hf-hub:alice/resnet") == fetch.SourceRef("alice/resnet", None, timm_prefix=True)
+    assert parse_source("alice/vit@" + "a" * 40).revision == "a" * 40
+    assert not fetch.is_repo_id("./alice/vit") and not fetch.is_repo_id("vit")
+
+
+def test_sharded_save_loads_back_and_downloads(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    for name, model, spec in (("timm", tiny_timm(), {"input_size": (1, 28, 28)}), ("vit", tiny_vit(), {})):
+        out = save_model(from_model(model, **spec), model, tmp_path / name, max_shard_size=20_000)
+        shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+        assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+        assert not (out / "model.safetensors").exists()
+        reloaded = load_folder(out).model.state_dict()
+        assert all(torch.equal(v.float(), reloaded[k]) for k, v in model.state_dict().items())
+
+    sha = hub_server.add_repo("alice/sharded", files_of(tmp_path / "timm"), library_name="timm")
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    loaded = load_source("alice/sharded")
+    assert loaded.revision == sha and loaded.library == "timm"
+    assert {p.name for p in loaded.folder.glob("model-*.safetensors")} == {p.name for p in (tmp_path / "timm").glob("model-*")}
+    assert checksum(loaded.model.state_dict()) == pytest.approx(checksum(tiny_timm().state_dict()))
+
+
+def test_revisions_resolve_to_commit_shas_and_only_needed_files_download(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    first = seed_vit(hub_server, tmp_path)
+    hub_server.create_tag("alice/vit", "v1")
+    second = hub_server.commit("alice/vit", {"pytorch_model.bin": b"not loaded: safetensors wins", "notes/big.txt": "x" * 1000})
+    hub_server.create_branch("alice/vit", "dev", revision=first)
+    pr_sha = hub_server.api(hub_server.tokens.other).create_commit(
+        "alice/vit", [CommitOperationAdd("proposal.txt", b"hi")], commit_message="proposal", create_pr=True).oid
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=hub_server.tokens.read)
+
+    expected = {"alice/vit": second, "alice/vit@main": second, "alice/vit@v1": first, "alice/vit@dev": first,
+                f"alice/vit@{first}": first, "alice/vit@refs/pr/1": pr_sha}
+    for text, sha in expected.items():
+        loaded = load_source(text)
+        assert (loaded.source, loaded.revision, loaded.library) == ("alice/vit", sha, "transformers"), text
+    downloaded = {r.path.rsplit("/", 1)[-1] for r in hub_server.requests if "/resolve/" in r.path}
+    assert downloaded == {"config.json", "preprocessor_config.json", "model.safetensors", "README.md"}
+    infos = [r for r in hub_server.requests if r.method == "GET" and re.fullmatch(r"/api/models/alice/vit(/revision/.+)?", r.path)]
+    assert len(infos) == len(expected) and all(r.query.get("blobs", [""])[0].lower() == "true" for r in infos)
+
+    with pytest.raises(UnsupportedModelError, match="only for timm"):
+        load_source("hf-hub:alice/vit")
+
+
+def test_bin_only_repo_loads_without_pickle_code(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    folder = timm_folder(tmp_path / "src")
+    torch.save(load_folder(folder).model.state_dict(), tmp_path / "pytorch_model.bin")
+    sha = hub_server.add_repo("alice/binonly", {"config.json": folder / "config.json",
+                                                "pytorch_model.bin": tmp_path / "pytorch_model.bin"}, library_name="timm")
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    loaded = load_source("hf-hub:alice/binonly")
+    assert loaded.revision == sha and (loaded.folder / "pytorch_model.bin").is_file()
+
+
+def test_transient_failures_are_retried_and_offline_uses_the_cache(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    sha = seed_timm(hub_server, tmp_path)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    hub_server.rate_limit(2, retry_after=0)  # the preflight is refused twice
+    assert load_source("alice/resnet").revision == sha
+    hub_server.rate_limit(2, retry_after=0, path_contains="model.safetensors")  # then the weight download
+    assert load_source("alice/resnet").revision == sha
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen = len(hub_server.requests)
+    assert load_source("alice/resnet").revision == sha
+    assert load_source(f"alice/resnet@{sha}").revision == sha
+    assert len(hub_server.requests) == seen  # nothing went over the network
+
+
+# ----- publishing ---------------------------------------------------------------------------------------------
+
+
+_RELOAD = """
+import json, sys, timm, torch
+from transformers import AutoModelForImageClassification
+
+def total(model):
+    return float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
+
+vit = AutoModelForImageClassification.from_pretrained(sys.argv[1]).eval()
+resnet = timm.create_model("hf-hub:" + sys.argv[2], pretrained=True).eval()
+with torch.no_grad():
+    vit(pixel_values=torch.zeros(1, 3, 32, 32)); resnet(torch.zeros(1, 1, 28, 28))
+print(json.dumps({"vit": [type(vit).__name__, total(vit)], "resnet": [type(resnet).__name__, total(resnet)]}))
+"""
+
+
+def test_push_and_reload_with_plain_transformers_and_timm(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    vit_sha = seed_vit(hub_server, tmp_path)
+    seed_timm(hub_server, tmp_path)
+    token = hub_server.tokens.write
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=token)
+
+    code, out, err = cli(["repair", "alice/vit", "--push", "-q", *FAST], capsys)
+    assert code == 0, err
+    code, out, err = cli(["repair", "hf-hub:alice/resnet", "--push", "--repo-id", "resnet-clean", *FAST], capsys)
+    assert code == 0, err
+    assert f"pushed to {hub_server.endpoint}/alice/resnet-clean" in out
+
+    for repo in ("alice/vit-otbr", "alice/resnet-clean"):
+        history = hub_server.commits(repo)
+        assert len(history) == 2 and history[1].title == "initial commit"  # everything in ONE commit
+        files = hub_server.files(repo)
+        assert {"README.md", "otbr_report.json", "config.json", "model.safetensors"} <= files.keys()
+        text = b"".join(files.values())
+        assert token.encode() not in text
+    assert "preprocessor_config.json" in hub_server.files("alice/vit-otbr")
+
+    card = ModelCard(hub_server.files("alice/vit-otbr")["README.md"].decode())
+    assert card.data.base_model == "alice/vit" and card.data.base_model_relation == "finetune"
+    assert card.data.license == "mit"
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
+    assert {"otbr", "backdoor-defense", "image-classification", "transformers"} <= set(card.data.tags)
+    assert "## Original model card" in card.text and "Trained on nothing at all." in card.text
+    assert card.text.count("license: mit") == 0  # the source's YAML header is not pasted into the body
+    assert vit_sha in card.text and "neurons pruned" in card.text
+    assert "otbr-hub repair alice/vit --push -q --unlearn-steps 2" in card.text
+
+    timm_card = ModelCard(hub_server.files("alice/resnet-clean")["README.md"].decode())
+    assert timm_card.data.library_name == "timm" and timm_card.data.base_model == "alice/resnet"
+    assert "license" not in timm_card.data.to_dict()  # the source has none: never invent one
+    report = json.loads(hub_server.files("alice/resnet-clean")["otbr_report.json"])
+    assert report["revision"] == hub_server.head("alice/resnet") and report["publish_verification"]["ok"]
+
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, "alice/vit-otbr", "alice/resnet-clean"],
+                          env={**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, **hub_server.env},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["vit"][0] == "ViTForImageClassification" and got["resnet"][0] == "ResNet"
+    assert got["vit"][1] == pytest.approx(checksum(load_safetensors(hub_server.files("alice/vit-otbr")["model.safetensors"])))
+    assert got["resnet"][1] == pytest.approx(checksum(load_safetensors(hub_server.files("alice/resnet-clean")["model.safetensors"])))
+
+
+def test_python_api_push_and_a_moved_parent_commit(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    seed_timm(hub_server, tmp_path)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=hub_server.tokens.write)
+    result = otbr_hub.repair("alice/resnet", push=True, repo_id="alice/resnet-api", **FAST_KW)
+    assert ModelCard(hub_server.files("alice/resnet-api")["README.md"].decode()).data.base_model == "alice/resnet"
+
+    seen = hub_server.head("alice/resnet-api")
+    hub_server.commit("alice/resnet-api", {"notes.txt": "someone else was faster"})
+    moved = hub_server.head("alice/resnet-api")
+    with pytest.raises(HubError, match="changed while publishing") as err:
+        push_to_hub(result, "alice/resnet-api", parent_commit=seen, report={**result.report.to_dict(), "command": "again"})
+    assert len(str(err.value).splitlines()) == 1
+    assert hub_server.head("alice/resnet-api") == moved  # nothing was written
+
+    with pytest.raises(HubError, match="no write permission on bob/x"):
+        push_to_hub(result, "bob/x")
+    with pytest.raises(OtbrError, match="never writes to it directly"):
+        push_to_hub(result, "alice/resnet")
+    assert "bob/x" not in hub_server.repo_ids() and len(hub_server.commits("alice/resnet")) == 1
+
+    hub_server.commit("alice/resnet", {"notes.txt": "the source moved on"})
+    with pytest.raises(HubError, match="moved on"):  # a PR must start from the branch head it was made from
+        publish(result, result.report.to_dict(), pr=True)
+    assert not hub_server.discussions("alice/resnet")
+
+    broken = tmp_path / "broken"
+    save_model(result.source, result.model, broken)
+    sd = load_safetensors((broken / "model.safetensors").read_bytes())
+    sd["fc.weight"] = torch.zeros_like(sd["fc.weight"])
+    from safetensors.torch import save_file
+
+    save_file(sd, broken / "model.safetensors")
+    with pytest.raises(OtbrError, match="refusing to publish"):
+        verify_saved(result, broken)
+
+
+def test_pull_request_is_courteous_and_opened_once(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    sha = seed_timm(hub_server, tmp_path, readme="# ResNet\n")
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=hub_server.tokens.other)  # bob proposes to alice
+
+    code, out, err = cli(["repair", "alice/resnet", "--pr", *FAST], capsys)
+    assert code == 0, err
+    url = f"{hub_server.endpoint}/alice/resnet/discussions/1"
+    assert url in out
+    assert hub_server.head("alice/resnet") == sha  # main untouched
+    (pr,) = hub_server.discussions("alice/resnet")
+    assert pr.is_pull_request and pr.target_branch == "refs/heads/main" and sha[:12] in pr.title
+    for phrase in ("opened automatically", "safely ignore", "How it was verified", sha):
+        assert phrase in pr.description
+    assert hub_server.tokens.other not in pr.description
+    proposed, original = hub_server.files("alice/resnet", "refs/pr/1"), hub_server.files("alice/resnet")
+    assert proposed["model.safetensors"] != original["model.safetensors"] and "otbr_report.json" in proposed
+    assert proposed["README.md"] == original["README.md"] and proposed["config.json"] == original["config.json"]
+
+    code, out, err = cli(["repair", "alice/resnet", "--pr", *FAST], capsys)
+    assert code == 0, err
+    assert url in out and len(hub_server.discussions("alice/resnet")) == 1  # no second PR for this commit
+
+
+# ----- errors -------------------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_errors_are_one_line(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    tokens = hub_server.tokens
+    seed_timm(hub_server, tmp_path)
+    seed_timm(hub_server, tmp_path, "alice/secret", private=True)
+    seed_timm(hub_server, tmp_path, "alice/gated", gated=True)
+    hub_server.add_repo("alice/bert", {"config.json": json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}),
+                                       "model.safetensors": b"x"}, pipeline_tag="fill-mask", library_name="transformers")
+    hub_server.add_repo("alice/noweights", {"config.json": json.dumps({"architecture": "resnet18", "num_classes": 10})},
+                        library_name="timm")
+    dead = f"http://127.0.0.1:{_closed_port()}"
+
+    # name: (args, token, expected text, extra setup)
+    cases = {
+        "missing repo": (["alice/nope"], tokens.read, "not found", None),
+        "private without token": (["alice/secret"], None, "set HF_TOKEN", None),
+        "gated, anonymous": (["alice/gated"], None, "request access", None),
+        "gated, no access": (["alice/gated"], tokens.other, "is gated", None),
+        "missing revision": (["alice/resnet@nope"], tokens.read, "revision 'nope' not found", None),
+        "invalid token": (["alice/resnet"], tokens.invalid, "rejected the token", None),
+        "not an image classifier": (["alice/bert"], None, "not an image classifier", None),
+        "no weights": (["alice/noweights"], None, "no loadable weights", None),
+        "rate limited": (["alice/resnet"], None, "rate limiting", lambda: hub_server.rate_limit(50, retry_after=0)),
+        "long Retry-After": (["alice/resnet"], None, "wait 3600 s", lambda: hub_server.rate_limit(1, retry_after=3600)),
+        "network down": (["alice/resnet"], tokens.read, "cannot reach the Hub", lambda: monkeypatch.setenv("HF_ENDPOINT", dead)),
+        "offline, not cached": (["alice/resnet"], None, "not in the cache", lambda: monkeypatch.setenv("HF_HUB_OFFLINE", "1")),
+        "push with a read token": (["alice/resnet", "--push"], tokens.read, "no write permission", None),
+    }
+    for i, (name, (args, token, expected, setup)) in enumerate(cases.items()):
+        use_hub(monkeypatch, hub_server, tmp_path / f"cache-{i}", token=token)
+        hub_server.rate_limit(0)
+        if setup:
+            setup()
+        code, out, err = cli(["repair", *args, "-o", str(tmp_path / f"out-{i}"), *FAST], capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, (name, err)
+        assert len(lines) == 1 and expected in lines[0], (name, err)
+        assert "Traceback" not in err, name
+        for secret in (tokens.read, tokens.write, tokens.other, tokens.invalid):
+            assert secret not in out + err, name
+    assert "alice/resnet-otbr" not in hub_server.repo_ids()
+
+
+# ----- card ---------------------------------------------------------------------------------------------------
+
+
+def test_card_metadata_results_and_original_card() -> None:
+    report = {
+        "source": "alice/vit", "revision": "c" * 40, "library": "transformers", "otbr_hub_version": "0.1.0",
+        "prune_ratio": 0.05, "ratio_reason": "largest ratio keeping agreement", "lam": 0.5,
+        "ratio_candidates": [{"ratio": 0.05, "agreement": 0.97, "backdoor_p": 0.4, "flagged": False}],
+        "neurons_pruned": 7, "neurons_scored": 140, "layers_scored": 4, "pruned_per_layer": {"encoder.layer.0": 7},
+        "verification": {"ok": True, "agreement": 0.97}, "settings": {"seed": 0},
+        "evaluation": {"dataset": "fashion_mnist", "trigger": {"name": "badnets", "target": 3},
+                       "before": {"acc": 90.0, "asr": 99.0, "ra": 1.0}, "after": {"acc": 88.5, "asr": 3.5, "ra": 80.0}, "der": 0.97},
+        "scan_before": {"verdict": "backdoored", "p_value": 0.001, "suspected_target": 3}, "scan_after": None,
+        "command": "otbr-hub repair alice/vit --push",
+    }
+    readme = "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n# Tiny\n\n```\n# not a heading\n```\n"
+    card = ModelCard(render_card(report, repo_id="bob/vit-otbr", source_readme=readme))
+    assert (card.data.license, card.data.license_name, card.data.license_link) == ("other", "tiny-license", "LICENSE")
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": 88.5, "attack_success_rate": 3.5}
+    for text in ("| source (before repair) | 90.00 | 99.00 |", "| repaired (this model) | 88.50 | 3.50 |",
+                 "backdoored", "`encoder.layer.0` | 7", "largest ratio keeping agreement", "## Limitations",
+                 "otbr-hub repair alice/vit --push", "## Tiny", "# not a heading"):
+        assert text in card.text, text
+    assert "license_name" not in card.text
+
+    local = ModelCard(render_card({**report, "source": "/home/me/models/vit", "revision": None, "evaluation": None}))
+    assert local.data.base_model is None and local.data.eval_results is None
+    assert "/home/me" not in str(local) and "not measured" in local.text
