@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from .errors import OtbrError, UsageError
 from .settings import RepairSettings
 
 log = logging.getLogger("otbr_hub")
+
+SUMMARY_FILE = "repair_summary.json"
 
 # Flags that the main parser defines by hand (with short forms or special parsing).
 _HAND_MADE = {"preset", "prune_ratio", "lam", "seed", "device"}
@@ -65,8 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("repair", help="remove a possible backdoor from a model, without data")
-    r.add_argument("source", help="model folder (timm or transformers), or a Hub repo id")
-    r.add_argument("-o", "--output", help="folder to write the repaired model into (required unless --push/--pr)")
+    r.add_argument("sources", nargs="*", metavar="source",
+                   help="model folder (timm or transformers) or Hub repo id; several are repaired one after the other, "
+                        "or shared out between the processes of `accelerate launch`")
+    r.add_argument("--from-file", metavar="FILE", help="read more sources from FILE, one per line ('#' comments; '-' for stdin)")
+    r.add_argument("-o", "--output", help="folder to write the repaired model into (required unless --push/--pr); with "
+                                          f"several sources, a parent folder with one subfolder per model and {SUMMARY_FILE}")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     r.add_argument("--eval-dataset", help="measure ACC/ASR on this dataset ('fashion_mnist', a saved datasets folder, or a Hub id)")
     r.add_argument("--trigger", help="trigger spec for ASR, e.g. 'badnets:target=3', or a trigger.json file")
@@ -76,9 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     hub.add_argument("--pr", action="store_true", help="open a pull request with the repaired weights on the source repo instead")
     hub.add_argument("--repo-id", help="destination repo for --push")
     hub.add_argument("--private", action="store_true", help="create the --push destination as a private repo")
-    hub.add_argument("--revision", help="source revision (branch, tag, commit sha or refs/pr/N); 'user/model@rev' also works")
+    hub.add_argument("--revision", help="source revision (branch, tag, commit sha or refs/pr/N); 'user/model@rev' also works "
+                                        "(and is the way to pin several sources)")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    r.add_argument("-v", "--verbose", action="store_true", help="print details (and tracebacks on unexpected errors)")
+    r.add_argument("-v", "--verbose", action="store_true", help="print details: stage timings, process split (and tracebacks on unexpected errors)")
     add_settings_flags(r)
 
     from .scan_cli import add_scan_parser
@@ -91,30 +99,76 @@ def _fmt_eval(e: Any) -> str:
     return f"ACC {e.acc:5.1f}%  ASR {e.asr:5.1f}%  RA {e.ra:5.1f}%"
 
 
+def _sources(args: argparse.Namespace) -> list[str]:
+    """Positional sources plus ``--from-file``, in order, each once."""
+    from .scan_cli import _read_target_file
+
+    sources = list(args.sources)
+    if args.from_file:
+        sources += _read_target_file(args.from_file)
+    if not sources:
+        raise UsageError("nothing to repair: give a model folder or Hub repo id, or --from-file")
+    unique = list(dict.fromkeys(sources))
+    if len(unique) < len(sources):
+        log.warning("some sources were given more than once; each is repaired once")
+    return unique
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
+    from .distribute import team
+
+    sources = _sources(args)
+    settings = settings_from_args(args)
+    if args.push and args.pr:
+        raise UsageError("--push and --pr are alternatives; pick one")
+    if not args.output and not (args.push or args.pr):
+        raise UsageError("--output is required (or publish with --push / --pr)")
+    if len(sources) > 1:
+        if args.repo_id:
+            raise UsageError("--repo-id names one destination; with several sources each goes to <you>/<name>-otbr")
+        if args.revision:
+            raise UsageError("--revision applies to one source; pin several with user/model@revision")
+    procs = team(settings.device)
+    if procs.distributed:
+        log.info("process %d of %d", procs.index + 1, procs.size)
+    if len(sources) == 1:
+        if not procs.is_main:  # one model: the main process does it, the others must not push it again
+            return 0
+        return _repair_one(args, sources[0], settings)
+    return _repair_many(args, sources, settings, procs)
+
+
+def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings) -> int:
+    """One source: ``--output`` is the model folder and errors end the command."""
+    from .progress import StageBars, bars_wanted
     from .repair import repair
     from .save import check_destination, save_model
 
-    settings = settings_from_args(args)
     publishing = args.push or args.pr
-    if args.push and args.pr:
-        raise UsageError("--push and --pr are alternatives; pick one")
-    if not args.output and not publishing:
-        raise UsageError("--output is required (or publish with --push / --pr)")
     if args.output:
         check_destination(args.output, overwrite=args.overwrite)
     evaluation = _prepare_eval(args)
+    if publishing:  # a missing or read-only token should cost seconds, not a whole repair
+        from .push import check_can_publish
+
+        check_can_publish()
     say = (lambda *a: None) if args.quiet else print
+    bars = StageBars() if bars_wanted(args.quiet) else None
 
     t0 = time.perf_counter()
-    source = args.source if not args.revision else f"{args.source}@{args.revision}"
-    result = repair(source, settings)
+    source = source if not args.revision else f"{source}@{args.revision}"
+    try:
+        result = repair(source, settings, progress=bars)
+    finally:
+        if bars is not None:
+            bars.close()
     report = result.report
     if evaluation is not None:
         report.evaluation = _evaluate(evaluation, result)
     report.timings["total"] = round(time.perf_counter() - t0, 3)
+    _log_timings(report.timings)
     report_dict = report.to_dict()
-    report_dict["command"] = " ".join(["otbr-hub", *sys.argv[1:]]) if sys.argv else "otbr-hub repair"
+    report_dict["command"] = _command(args)
     if args.output:
         out = save_model(result.source, result.model, args.output, extra_files={"otbr_report.json": report_dict}, overwrite=args.overwrite)
     if publishing:
@@ -135,6 +189,182 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if publishing:
         say(f"  {'opened pull request' if args.pr else 'pushed to'} {url}")
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(["otbr-hub", *(shlex.quote(a) for a in args.argv)])
+
+
+def _log_timings(timings: dict[str, float]) -> None:
+    log.info("seconds per stage: %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+
+
+def folder_names(sources: Sequence[str]) -> list[str]:
+    """One output subfolder name per source: the folder's own name, or ``owner--name`` for a
+    Hub repo (plus the revision), made filesystem-safe; repeats get ``-2``, ``-3``, ..."""
+    import re
+
+    from .fetch import is_repo_id, parse_source
+
+    names: list[str] = []
+    taken: set[str] = set()
+    for src in sources:
+        if is_repo_id(src) and not Path(src).exists():
+            ref = parse_source(src)
+            base = ref.repo_id.replace("/", "--") + (f"--{ref.revision}" if ref.revision else "")
+        else:
+            base = Path(src).expanduser().absolute().name
+        base = re.sub(r"[^\w.-]+", "-", base).strip("-.") or "model"
+        name, k = base, 2
+        while name.lower() in taken:
+            name, k = f"{base}-{k}", k + 1
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _check_parent_output(out: Path, names: list[str], overwrite: bool) -> None:
+    """Several sources: ``out`` may exist (it is a parent), but no model subfolder or summary
+    may be overwritten without ``--overwrite``; checked before any work."""
+    if not out.parent.is_dir():
+        raise UsageError(f"the parent folder of {out} does not exist")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if overwrite:
+        return
+    for name in [*names, SUMMARY_FILE]:
+        path = out / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise UsageError(f"{path} is not empty (pass --overwrite to replace it)")
+
+
+def _repair_many(args: argparse.Namespace, sources: list[str], settings: RepairSettings, procs: Any) -> int:
+    """Several sources: each process repairs its share, a failure is recorded and the rest go
+    on, and the main process writes the combined summary. Every step before the gather is
+    the same on every process, so that none leaves the others waiting in it."""
+    publishing = args.push or args.pr
+    names = procs.broadcast(folder_names(sources) if procs.is_main else None)
+    out_root = Path(args.output).expanduser().absolute() if args.output else None
+    if out_root is not None:
+        _check_parent_output(out_root, names, args.overwrite)
+    evaluation = _prepare_eval(args)
+    if publishing:
+        problem = procs.broadcast(_publish_problem() if procs.is_main else None)
+        if problem:
+            raise OtbrError(problem)
+    mine = procs.share(sources)
+    log.info("%d of %d sources for this process", len(mine), len(sources))
+    if out_root is not None and mine:
+        out_root.mkdir(exist_ok=True)
+
+    t0 = time.perf_counter()
+    results = [(i, _repair_entry(args, i, src, names[i], len(sources), settings, evaluation, out_root, procs))
+               for i, src in mine]
+    entries = procs.gather(results, len(sources))
+    failed = [e for e in entries if e["status"] != "ok"]
+    if procs.is_main:
+        summary = {
+            "tool": "otbr-hub",
+            "otbr_hub_version": _version(),
+            "command": _command(args),
+            "processes": procs.size,
+            "models": len(entries),
+            "ok": len(entries) - len(failed),
+            "failed": len(failed),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "settings": settings.to_dict(),
+            "results": entries,
+        }
+        if out_root is not None:
+            _write_json(out_root / SUMMARY_FILE, summary)
+        if not args.quiet:
+            where = f"; summary in {out_root / SUMMARY_FILE}" if out_root is not None else ""
+            print(f"repaired {summary['ok']} of {len(entries)} models in {summary['seconds']:.1f} s "
+                  f"with {procs.size} process{'es' if procs.size > 1 else ''}{where}")
+    return 2 if failed else 0
+
+
+def _publish_problem() -> str | None:
+    """Why publishing cannot work (token, permissions), or None; checked once, by the main process."""
+    from .push import check_can_publish
+
+    try:
+        check_can_publish()
+    except OtbrError as err:
+        return str(err)
+    return None
+
+
+def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, count: int, settings: RepairSettings,
+                  evaluation: Any, out_root: Path | None, procs: Any) -> dict[str, Any]:
+    """Repair, save and publish one of several sources; never raises for a problem with it."""
+    from .distribute import writes_on_every_rank
+    from .progress import ModelLine, bars_wanted
+    from .repair import repair
+    from .save import save_model
+
+    label = f"[{index + 1}/{count}] {source}"
+    line = ModelLine(label) if bars_wanted(args.quiet) and not procs.distributed else None
+    entry: dict[str, Any] = {"index": index, "source": source, "process": procs.index, "status": "ok",
+                             "output": None, "url": None, "error": None}
+    t0 = time.perf_counter()
+    try:
+        result = repair(source, settings, progress=line)
+        report = result.report
+        if evaluation is not None:
+            report.evaluation = _evaluate(evaluation, result)
+        report.timings["total"] = round(time.perf_counter() - t0, 3)
+        _log_timings(report.timings)
+        report_dict = report.to_dict()
+        report_dict["command"] = _command(args)
+        folder = None
+        with writes_on_every_rank(result.model):
+            if out_root is not None:
+                if line is not None:
+                    line("save")
+                folder = save_model(result.source, result.model, out_root / name,
+                                    extra_files={"otbr_report.json": report_dict}, overwrite=args.overwrite)
+                entry["output"] = name
+            if args.push or args.pr:
+                from .push import publish
+
+                if line is not None:
+                    line("publish")
+                entry["url"] = publish(result, report_dict, private=args.private, pr=args.pr, folder=folder)
+        entry.update(prune_ratio=report.prune_ratio, neurons_pruned=report.neurons_pruned,
+                     agreement=report.verification.get("agreement"), report=report_dict)
+        outcome = (f"ratio {report.prune_ratio:g}, {report.neurons_pruned} neurons pruned, agreement "
+                   f"{report.verification['agreement']:.3f}" + (f" -> {name}" if folder else "")
+                   + (f" -> {entry['url']}" if entry["url"] else ""))
+    except OtbrError as err:
+        entry.update(status="error", error=str(err))
+    except Exception as err:  # one broken model must not stop the others
+        first = (str(err).strip().splitlines() or [""])[0]
+        entry.update(status="error", error=f"unexpected {type(err).__name__}: {first}")
+        log.info("repair of %s failed", source, exc_info=True)
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    if entry["status"] != "ok":
+        if line is not None:
+            line.finish("failed")
+        print(f"otbr-hub: error: {source}: {entry['error']}", file=sys.stderr)
+    elif line is not None:
+        line.finish(f"{outcome} ({entry['seconds']:.1f} s)")
+    elif not args.quiet:
+        print(f"{label}: {outcome} ({entry['seconds']:.1f} s)", flush=True)
+    return entry
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write next to the destination and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any] | None:
@@ -177,7 +407,15 @@ def _evaluate(prepared: tuple[Any, Any, Any], result: Any) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    # A '*' positional is filled once, so sources after an option come back as leftovers.
+    unknown = [a for a in extra if a.startswith("-") and a != "-"]
+    if unknown or (extra and args.command != "repair"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.sources = [*args.sources, *extra]
+    args.argv = argv
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
@@ -202,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"otbr-hub: error: unexpected {type(err).__name__}: {msg} (rerun with -v for details)", file=sys.stderr)
         return 2
+    finally:
+        from .distribute import shutdown
+
+        shutdown()
     return 0
 
 

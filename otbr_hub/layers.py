@@ -10,7 +10,10 @@ The rule, in order:
 3. Shortcut/downsample projections are left out when ``skip_shortcuts`` (as in the
    reference), recognised by name (``downsample``, ``shortcut``, ``skip``, ``proj`` of a
    residual) since they are parallel to the main path and break layer chaining.
-4. ``include`` / ``exclude`` regexes filter by module name last.
+4. The stem (the first Conv2d/Linear in registration order: a CNN's input conv or a
+   ViT's patch embedding) is left out when ``skip_stem``: it has few filters that every
+   later feature depends on, so pruning one costs accuracy across all classes.
+5. ``include`` / ``exclude`` regexes filter by module name last.
 
 Each selected layer may have *attached* per-channel tensors: its bias, and the
 BatchNorm that comes right after it in registration order, in the same parent
@@ -90,6 +93,7 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
     exc = re.compile(settings.exclude) if settings.exclude else None
     modules = list(model.named_modules())
     layers: list[Layer] = []
+    stem = next((n for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     for idx, (name, mod) in enumerate(modules):
         if isinstance(mod, nn.Conv2d):
             kind = "conv"
@@ -100,6 +104,8 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
         if kind not in kinds or name == head or mod.weight is None:
             continue
         if settings.skip_shortcuts and _SHORTCUT.search(name):
+            continue
+        if settings.skip_stem and name == stem:
             continue
         if inc and not inc.search(name):
             continue

@@ -41,6 +41,7 @@ class RepairSettings:
     # which neurons count
     layer_types: str = _opt("conv,linear", "comma list of layer kinds to score: conv, linear")
     skip_shortcuts: bool = _opt(True, "leave shortcut/downsample projections alone")
+    skip_stem: bool = _opt(True, "leave the first layer (stem conv or patch embedding) alone: its few filters feed every feature")
     include_classifier: bool = _opt(False, "also score the final classifier's output rows")
     include: str | None = _opt(None, "regex; only layers whose name matches are scored")
     exclude: str | None = _opt(None, "regex; layers whose name matches are never scored")
@@ -108,6 +109,7 @@ PAPER = dict(
     unlearn_train_mode=True,
     layer_types="conv",
     skip_shortcuts=True,
+    skip_stem=False,
     include_classifier=False,
     ranking="global",
     prune_norm=False,
