@@ -29,11 +29,26 @@ The standard zoo (``--all``): on each of resnet, convnext and vit,
 * badnets (3x3 white patch, bottom right): target 0 and target 3; seeds 0 and 1 for target 0
 * blended (alpha 0.2): target 0 and target 7; seeds 0 and 1 for target 0
 * wanet (k 4, s 1.0, noise mode): target 0 and target 5
-* sig (delta 0.16 = 40/255, f 6; clean label, 80 % of the target class stamped): target 2
+* sig (delta 0.16 = 40/255, f 6; clean label, every target-class image stamped): target 2
 * lowfreq (eps 0.1, k 3): target 4
 * clean models, seeds 0, 1 and 2
 
 all at the per-architecture default epochs and poison rate 0.1 unless said otherwise.
+
+Measured (full 60k training set, default epochs, 1 torch thread on a shared 2-core machine,
+so times are pessimistic; clean ACC / ASR on the 10k test split):
+
+==========================  =============  ==========
+model                       ACC / ASR      train time
+==========================  =============  ==========
+resnet badnets target 0     90.2 / 99.97   254 s
+resnet badnets target 3     90.4 / 99.9    274 s   (examples/badnets-resnet)
+resnet wanet target 0       89.9 / 97.7    371 s
+resnet sig target 2         82.8 / 88.7    346 s   (whole target class stamped)
+convnext badnets target 0   88.6 / 100     210 s
+vit blended target 0        87.4 / 100     1588 s  (8 epochs, machine heavily loaded)
+resnet lowfreq target 4     86.6 / 99.9    151 s   (--quick)
+==========================  =============  ==========
 """
 
 from __future__ import annotations
@@ -272,9 +287,14 @@ def folder_name(arch: str, trigger: Trigger | None, seed: int) -> str:
 
 
 def default_poison_rate(trigger: Trigger | None) -> float:
-    """0.1 of the training set, or 0.8 of the target class for clean-label triggers."""
+    """0.1 of the training set, or the whole target class for clean-label triggers.
+
+    SIG on the resnet, 4 epochs (ACC / ASR): 0.8 of the class -> 88.8 / 63.6, 0.9 -> 87.5 /
+    68.0, 1.0 -> 82.8 / 88.7. Only the full class gives a backdoor worth repairing, at the
+    price of clean pullovers (no sinusoid) being misread.
+    """
     if trigger is not None and trigger.clean_label:
-        return 0.8
+        return 1.0
     return 0.1
 
 
@@ -392,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack", default="badnets", help='trigger spec such as "badnets:target=3,size=4", or "clean"')
     parser.add_argument("--poison-rate", type=float, default=None,
                         help="share of the training set (dirty-label) or of the target class (clean-label); "
-                             "default 0.1, or 0.8 for sig")
+                             "default 0.1, or 1.0 for sig")
     parser.add_argument("--epochs", type=int, default=None, help="default per architecture: resnet 4, convnext 4, vit 8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="model folder (default benchmarks/cache/<name>)")

@@ -183,8 +183,8 @@ def _lowfreq_field(c: int, h: int, w: int, p: Params) -> torch.Tensor:
 
 
 def _lowfreq(x: torch.Tensor, p: Params) -> torch.Tensor:
-    field_ = _lowfreq_field(x.shape[-3], x.shape[-2], x.shape[-1], p).to(x)
-    return (x + field_).clamp(0, 1)
+    offset = _lowfreq_field(x.shape[-3], x.shape[-2], x.shape[-1], p).to(x)
+    return (x + offset).clamp(0, 1)
 
 
 def _lowfreq_check(p: Params) -> None:
