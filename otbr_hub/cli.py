@@ -448,8 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _quiet_libraries(progress: bool) -> None:
-    """Keep library chatter (warnings, info logs) out of the user's terminal; progress bars
-    only when a person is watching."""
+    """Keep library chatter (warnings, info logs) out of the user's terminal; download bars
+    only when a person is watching. transformers' own bars (loading, writing shards) would
+    only interleave with otbr-hub's per-stage display, so they stay off."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -459,9 +460,9 @@ def _quiet_libraries(progress: bool) -> None:
     from transformers.utils import logging as tlog
 
     tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
     if not progress:
         disable_progress_bars()
-        tlog.disable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ and averaged with the original: ``lam * fused + (1 - lam) * original``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,8 +73,10 @@ def fuse(
     lam: float,
     *,
     fuse_attached: bool = True,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> FuseResult:
-    """Fuse ``pruned`` into ``original``; returns a new model, both inputs are left untouched."""
+    """Fuse ``pruned`` into ``original``; returns a new model, both inputs are left untouched.
+    ``progress("fuse", i, n)`` is called after each of the ``n`` layers when given."""
     fused = copy.deepcopy(original)
     result = FuseResult(model=fused, lam=lam, first_layer=None)
     start = next((i for i, l in enumerate(layers) if pruned_idx.get(l.name)), None)
@@ -84,7 +87,8 @@ def fuse(
     mods_p = dict(pruned.named_modules())
     mods_f = dict(fused.named_modules())
     prev: tuple[np.ndarray, np.ndarray] | None = None
-    for layer in layers[start:]:
+    todo = layers[start:]
+    for done, layer in enumerate(todo, 1):
         w_bd_t = mods_o[layer.name].weight.detach()
         w_bd = w_bd_t.double().cpu().numpy()
         w_pn = mods_p[layer.name].weight.detach().double().cpu().numpy()
@@ -108,6 +112,8 @@ def fuse(
                 _fuse_attached(layer, mods_o, mods_p, mods_f, mapping, lam)
         result.fused_layers.append(layer.name)
         prev = (plan, b)
+        if progress is not None:
+            progress("fuse", done, len(todo))
     return result
 
 

@@ -1,16 +1,20 @@
 """Choosing the pruning ratio without data.
 
-The paper picks the ratio with test and poisoned data. Here every candidate ratio is
-tried (NWC is computed once, so each try is only a prune and a fusion) and judged on
-inputs synthesised from the original model itself:
+The paper picks the ratio with test and poisoned data. Here NWC is computed once and
+each candidate ratio costs only a prune and a fusion; candidates are judged on inputs
+synthesised from the original model itself (no data):
 
-* **agreement**: how often the repaired model still predicts what the original predicts
-  on class-representative synthetic inputs. It must stay at or above ``min_agreement``;
-  this is the data-free stand-in for "clean accuracy is kept".
-* **backdoor statistic** (when a detector is given): the max-margin statistic of the
-  original's most anomalous class. A candidate that no longer shows the anomaly is
-  enough; otherwise the largest ratio that keeps agreement is used, because pruning more
-  of the highest-NWC neurons is what removes a backdoor the detector cannot see.
+* **backdoor statistic**: when the data-free detector flags the original, the smallest
+  ratio at which it no longer does is chosen. This is the preferred route: it adapts the
+  ratio to the model and leaves a clean-looking model at the fallback below.
+* **fallback ratio**: when nothing is flagged (or no ratio clears the flag), the
+  ``fallback`` ratio is used. The detector misses many real backdoors (see
+  ``benchmarks/DETECT_NOTES.md``), so "not flagged" is not taken as "clean".
+* **agreement guard**: a candidate whose top-1 agreement with the original on the
+  synthetic inputs falls below ``min_agreement`` is never chosen; the walk stops there.
+  It guards against a collapsed model, not a fine-grained accuracy estimate: agreement on
+  synthetic inputs is much lower than on real images for the same model (measured in
+  ``benchmarks/NOTES.md``).
 """
 
 from __future__ import annotations
@@ -47,40 +51,46 @@ def choose_ratio(
     build: Callable[[float], nn.Module],
     agree: Callable[[nn.Module], float],
     min_agreement: float,
+    fallback: float,
     detector: Callable[[nn.Module], tuple[bool, float]] | None = None,
     original_flagged: bool = False,
-) -> tuple[RatioChoice, nn.Module | None]:
-    """Walk ``grid`` from small to large and return the chosen ratio and its model.
+) -> tuple[RatioChoice, nn.Module]:
+    """Walk the candidate ratios from small to large and return the choice and its model.
 
-    ``build(r)`` returns the repaired model at ratio ``r``; ``agree(m)`` its agreement with
-    the original; ``detector(m)`` (optional) whether it is still flagged and its p-value.
+    ``build(r)`` returns the repaired model at ratio ``r``; ``agree(m)`` its agreement
+    with the original on synthetic inputs; ``detector(m)`` whether it is still flagged
+    and the p-value.
     """
     candidates: list[Candidate] = []
-    best: tuple[float, nn.Module] | None = None
-    for r in sorted(grid):
+    use_detector = detector is not None and original_flagged
+    ratios = sorted(set(grid) | ({fallback} if not use_detector else set()))
+    if not use_detector:
+        ratios = [r for r in ratios if r <= fallback]
+    accepted: tuple[float, nn.Module] | None = None
+    for r in ratios:
         model = build(r)
-        a = agree(model)
-        cand = Candidate(ratio=r, agreement=a)
+        cand = Candidate(ratio=r, agreement=agree(model))
         candidates.append(cand)
-        if a < min_agreement:
+        if cand.agreement < min_agreement:
             break
-        best = (r, model)
-        if detector is not None and original_flagged:
-            flagged, p = detector(model)
-            cand.flagged, cand.backdoor_p = flagged, p
-            if not flagged:
-                return (
-                    RatioChoice(r, f"smallest ratio at which the backdoor statistic is no longer significant (p={p:.3g}) with agreement {a:.3f} >= {min_agreement}", candidates),
-                    model,
-                )
-    if best is None:
-        r0 = min(grid)
-        return (
-            RatioChoice(r0, f"even the smallest ratio changed predictions on synthetic inputs (agreement {candidates[0].agreement:.3f} < {min_agreement}); used it anyway", candidates),
-            build(r0),
-        )
-    r, model = best
-    why = f"largest ratio whose agreement with the original on synthetic inputs stays >= {min_agreement}"
-    if detector is not None and original_flagged:
-        why += "; the backdoor statistic stayed significant at every such ratio"
+        accepted = (r, model)
+        if use_detector:
+            cand.flagged, cand.backdoor_p = detector(model)
+            if not cand.flagged:
+                why = (f"smallest ratio at which the backdoor statistic is no longer significant "
+                       f"(p={cand.backdoor_p:.3g}); agreement on synthetic inputs {cand.agreement:.3f}")
+                return RatioChoice(r, why, candidates), model
+    if accepted is None:
+        r = ratios[0]
+        why = (f"even the smallest ratio fell below the agreement guard "
+               f"({candidates[0].agreement:.3f} < {min_agreement}); used it anyway")
+        return RatioChoice(r, why, candidates), build(r)
+    r, model = accepted
+    if use_detector:
+        why = "the backdoor statistic stayed significant at every ratio within the agreement guard; used the largest"
+    elif r == fallback:
+        why = (f"the detector did not flag the model, which it often misses, so the default ratio {fallback:g} was used"
+               if detector is not None else f"default ratio {fallback:g} (no detector)")
+    else:
+        why = f"largest ratio below the default {fallback:g} that kept agreement >= {min_agreement}"
     return RatioChoice(r, why, candidates), model

@@ -18,6 +18,7 @@ from .fuse import FuseResult, fuse
 from .layers import Layer, select_layers
 from .load import LoadedModel, from_model, load_folder
 from .placement import resolve_device
+from .progress import Progress
 from .prune import PruneResult, prune
 from .ratio import RatioChoice, choose_ratio
 from .score import Scores, neuron_weight_change
@@ -71,14 +72,19 @@ class RepairResult:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per stage; tells ``progress`` (if any) when a stage starts."""
+
+    def __init__(self, progress: Progress | None = None) -> None:
         self.times: dict[str, float] = {}
+        self.progress = progress
 
     def __call__(self, name: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
+                if timer.progress is not None:
+                    timer.progress(name, 0, None)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -103,9 +109,11 @@ def _as_loaded(source: Any, **spec_kw: Any) -> LoadedModel:
     raise UnsupportedModelError(f"cannot repair an object of type {type(source).__name__}")
 
 
-def build_repaired(work: nn.Module, pruned: PruneResult, layers: list[Layer], scores: Scores, settings: RepairSettings) -> FuseResult:
+def build_repaired(work: nn.Module, pruned: PruneResult, layers: list[Layer], scores: Scores, settings: RepairSettings,
+                   progress: Progress | None = None) -> FuseResult:
     """Fuse a pruned copy back into the working model with the settings' lambda."""
-    return fuse(work, pruned.model, layers, scores.nwc, pruned.pruned, settings.lam, fuse_attached=settings.fuse_attached)
+    return fuse(work, pruned.model, layers, scores.nwc, pruned.pruned, settings.lam, fuse_attached=settings.fuse_attached,
+                progress=progress)
 
 
 def repair(
@@ -119,6 +127,7 @@ def repair(
     push: bool = False,
     pr: bool = False,
     repo_id: str | None = None,
+    progress: Progress | None = None,
     **overrides: Any,
 ) -> RepairResult:
     """Remove a possible backdoor from ``source`` without data.
@@ -132,6 +141,8 @@ def repair(
     when available. ``push=True`` publishes the result to ``repo_id`` (default
     ``<you>/<name>-otbr``) and ``pr=True`` opens a pull request on the Hub source, both
     through :func:`otbr_hub.push.publish` (token from ``HF_TOKEN`` or the stored login).
+    ``progress(stage, done, total)`` is told when each stage starts and how far unlearning
+    and fusion are (see :mod:`otbr_hub.progress`); nothing is printed here.
     """
     publish_as_pr = pr  # the name ``pr`` is reused below for the prune result
     if settings is None:
@@ -139,7 +150,7 @@ def repair(
     elif overrides:
         settings = preset(settings.preset, **{**settings.to_dict(), **overrides})
     settings.validate()
-    t = _Timer()
+    t = _Timer(progress)
     with t("load"):
         loaded = _as_loaded(source, input_size=input_size, mean=mean, std=std)
     spec = loaded.spec
@@ -149,7 +160,7 @@ def repair(
     work = copy.deepcopy(loaded.model).float().to(device).eval()
     layers = select_layers(work, settings)
     with t("unlearn"):
-        un = unlearn(work, spec, settings, device)
+        un = unlearn(work, spec, settings, device, progress=progress)
     with t("score"):
         scores = neuron_weight_change(work, un.model, layers, settings)
     losses = {"first_loss": un.first_loss, "last_loss": un.last_loss}
@@ -159,7 +170,7 @@ def repair(
         with t("prune"):
             pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
         with t("fuse"):
-            fr = build_repaired(work, pr, layers, scores, settings)
+            fr = build_repaired(work, pr, layers, scores, settings, progress=progress)
         fr.model._otbr_prune, fr.model._otbr_fuse = pr, fr  # kept for the report
         return fr.model
 
@@ -173,6 +184,7 @@ def repair(
                 build,
                 lambda m: agreement(work, m, spec, probe),
                 settings.min_agreement,
+                settings.fallback_ratio,
                 detector=det_fn,
                 original_flagged=flagged,
             )

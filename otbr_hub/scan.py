@@ -150,14 +150,21 @@ def expand_targets(
 # --------------------------------------------------------------------------- stages
 
 
-class _Stages:
-    """Accumulates wall-clock seconds per stage for one target."""
+StageHook = Callable[[str, int, int | None], None]
 
-    def __init__(self) -> None:
+
+class _Stages:
+    """Accumulates wall-clock seconds per stage for one target, and tells ``hook`` (if any)
+    when a stage starts, as ``hook(stage, 0, None)``."""
+
+    def __init__(self, hook: StageHook | None = None) -> None:
         self.times: dict[str, float] = {}
+        self.hook = hook
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.hook is not None:
+            self.hook(name, 0, None)
         t0 = time.perf_counter()
         try:
             yield
@@ -352,15 +359,18 @@ def scan_target(
     input_size: tuple[int, int, int] | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    on_stage: StageHook | None = None,
 ) -> TargetReport:
     """Scan one target and return its report; never raises for a problem with the target.
 
     ``token`` (a string, or False for anonymous) and ``endpoint`` are used for Hub targets
     only. ``input_size``/``mean``/``std`` describe the input of an in-memory model whose
     config does not (plain torch modules); they are ignored for folders and Hub repos.
+    ``on_stage(stage, 0, None)`` is called as each stage (resolve, download, inspect,
+    load, detect) starts, for progress displays.
     """
     settings = settings or ScanSettings()
-    stages = _Stages()
+    stages = _Stages(on_stage)
     kind = _kind_of(target)
     if isinstance(target, LoadedModel):
         label = target.source or "<in-memory>"
@@ -432,11 +442,8 @@ def scan(
     concrete += expand_targets(
         names, author=author, search=search, filters=tags, limit=limit, token=token, endpoint=endpoint
     )
-    report = ScanReport(
-        settings={"detector": dataclasses.asdict(settings.detector), "max_download_bytes": settings.max_download_bytes}
-    )
-    if author or search or tags:
-        report.settings["query"] = {"author": author, "search": search, "filters": tags, "limit": limit}
+    query = {"author": author, "search": search, "filters": tags, "limit": limit} if author or search or tags else None
+    report = ScanReport(settings=report_settings(settings, query))
     for target in concrete:
         shown = os.fspath(target) if isinstance(target, (str, os.PathLike)) else type(target).__name__
         if progress:
@@ -448,6 +455,14 @@ def scan(
         if progress:
             progress(f"  {describe(result)}")
     return report
+
+
+def report_settings(settings: ScanSettings, query: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``settings`` block of a scan report (shared with the CLI's multi-process scan)."""
+    out: dict[str, Any] = {"detector": dataclasses.asdict(settings.detector), "max_download_bytes": settings.max_download_bytes}
+    if query:
+        out["query"] = query
+    return out
 
 
 def describe(result: TargetReport) -> str:
@@ -474,6 +489,7 @@ __all__ = [
     "describe",
     "expand_targets",
     "list_hub_models",
+    "report_settings",
     "scan",
     "scan_target",
 ]

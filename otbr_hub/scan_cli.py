@@ -12,13 +12,16 @@ Exit codes are part of the interface, because CI jobs branch on them:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import UsageError
+from .errors import HubError, OtbrError, UsageError
 from .report import FAIL_ON_LEVELS, FORMATS
+
+log = logging.getLogger("otbr_hub")
 
 USAGE_EXIT = 4
 DEFAULT_LIMIT = 100
@@ -90,12 +93,13 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of standard output")
     out.add_argument("--fail-on", default="backdoored", choices=FAIL_ON_LEVELS,
                      help="lowest finding that makes the exit code 1 (default backdoored; unsafe files always count unless 'none')")
-    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but the report and errors")
-    out.add_argument("-v", "--verbose", action="store_true", help="print details (and tracebacks of failed targets)")
+    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but the report and errors (no progress)")
+    out.add_argument("-v", "--verbose", action="store_true", help="print details: process split, tracebacks of failed targets")
 
     det = s.add_argument_group("detector")
     det.add_argument("--seed", type=int, default=0, help="seed of the random starting images (default 0)")
-    det.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda[:N]' or 'auto'")
+    det.add_argument("--device", default="auto",
+                     help="'auto' (default: this process's GPU when Accelerate sees one, else the CPU), 'cpu' or 'cuda[:N]'")
     det.add_argument("--steps", type=int, default=None, help="optimisation steps per class (default 100)")
     det.add_argument("--inputs-per-class", type=int, default=None, help="random starting images per class (default 8)")
     det.add_argument("--method", choices=("robust", "mmbd"), default=None,
@@ -155,8 +159,11 @@ def _append_step_summary(markdown: str) -> None:
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from .report import exit_code, to_console, to_markdown, write_report
-    from .scan import scan
+    """Scan every target; under ``accelerate launch`` the targets are shared out between the
+    processes and the main process alone writes the combined report."""
+    from .distribute import team
+    from .report import ScanReport, exit_code, to_console, to_markdown, write_report
+    from .scan import expand_targets, report_settings
 
     targets = list(args.targets)
     if args.from_file:
@@ -164,28 +171,59 @@ def cmd_scan(args: argparse.Namespace) -> int:
     query = bool(args.author or args.search or args.filters)
     if not targets and not query:
         raise UsageError("nothing to scan: give folders, files or repo ids, --from-file, or --author/--search/--filter")
+    procs = team(args.device)
     settings = _settings(args)
     token = _token(args.token_env)
+    limit = args.limit or None
 
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    # The target list is made once (a Hub query could change between two calls) and shared.
+    def expand() -> tuple[list[str] | None, str | None]:
+        try:
+            found = expand_targets(targets, author=args.author, search=args.search, filters=args.filters, limit=limit,
+                                   token=token, endpoint=args.endpoint)
+        except OtbrError as err:
+            return None, str(err)
+        return found, None
 
-    report = scan(
-        *targets,
-        author=args.author,
-        search=args.search,
-        filters=args.filters,
-        limit=args.limit or None,
-        settings=settings,
-        token=token,
-        endpoint=args.endpoint,
-        progress=None if args.quiet else progress,
-    )
+    concrete, problem = procs.broadcast(expand() if procs.is_main else None)
+    if problem is not None:
+        raise HubError(problem)
+    mine = procs.share(concrete)
+    log.info("process %d of %d: %d of %d targets", procs.index + 1, procs.size, len(mine), len(concrete))
+    results = [(i, _scan_one(target, i, len(concrete), args, settings, token, procs.distributed)) for i, target in mine]
+    reports = procs.gather(results, len(concrete))
+
+    code_query = {"author": args.author, "search": args.search, "filters": args.filters, "limit": limit} if query else None
+    report = ScanReport(targets=reports, settings=report_settings(settings, code_query))
     report.settings.update({"fail_on": args.fail_on, "format": args.format})
-    write_report(report, args.format, args.output)
-    if args.output and args.format != "console" and not args.quiet:
-        to_console(report)
-    if args.format != "markdown":
-        _append_step_summary(to_markdown(report))
+    if procs.distributed:
+        report.settings["processes"] = procs.size
+    if procs.is_main:
+        write_report(report, args.format, args.output)
+        if args.output and args.format != "console" and not args.quiet:
+            to_console(report)
+        if args.format != "markdown":
+            _append_step_summary(to_markdown(report))
     return exit_code(report, args.fail_on)
 
+
+def _scan_one(target: str, index: int, count: int, args: argparse.Namespace, settings: Any, token: str | None,
+              distributed: bool) -> Any:
+    """Scan one target with the progress display that suits where stderr goes.
+
+    At a terminal, one live line per target (stage, then verdict); otherwise, and when
+    several processes share the terminal, plain lines before and after each target.
+    """
+    from .progress import ModelLine, bars_wanted
+    from .scan import describe, scan_target
+
+    label = target if count == 1 else f"[{index + 1}/{count}] {target}"
+    line = ModelLine(label) if bars_wanted(args.quiet) and not distributed else None
+    if line is None and not args.quiet:
+        print(f"scanning {label}", file=sys.stderr, flush=True)
+    result = scan_target(target, settings=settings, token=token, endpoint=args.endpoint, on_stage=line)
+    if line is not None:
+        line.finish(describe(result))
+    elif not args.quiet:
+        print(f"  {describe(result) if not distributed else target + ': ' + describe(result)}", file=sys.stderr, flush=True)
+    return result

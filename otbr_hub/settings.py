@@ -45,15 +45,16 @@ class RepairSettings:
     include_classifier: bool = _opt(False, "also score the final classifier's output rows")
     include: str | None = _opt(None, "regex; only layers whose name matches are scored")
     exclude: str | None = _opt(None, "regex; layers whose name matches are never scored")
-    ranking: str = _opt("layer-normalized", "'global' (raw NWC, as in the paper) or 'layer-normalized' (NWC per weight, z-scored per layer)")
+    ranking: str = _opt("global", "'global' (raw NWC, as in the paper) or 'layer-normalized' (NWC per weight, z-scored per layer)")
     # pruning and fusion
     prune_norm: bool = _opt(True, "also silence the BatchNorm channel that follows a pruned conv filter")
     fuse_attached: bool = _opt(True, "carry biases and following BatchNorm parameters through the OT map with their neuron")
     # auto ratio
     ratio_grid: str = _opt(
-        "0.005,0.01,0.02,0.03,0.05,0.08,0.1,0.15,0.2", "candidate ratios tried by --prune-ratio auto, smallest first"
+        "0.01,0.02,0.03,0.05,0.08,0.1,0.15", "candidate ratios tried by --prune-ratio auto when the detector flags the model"
     )
-    min_agreement: float = _opt(0.9, "auto: least top-1 agreement with the original on synthesised inputs")
+    fallback_ratio: float = _opt(0.05, "auto: ratio used when the detector does not flag the model")
+    min_agreement: float = _opt(0.5, "auto: guard; least top-1 agreement with the original on synthesised inputs")
     verify_samples: int = _opt(256, "synthesised inputs used to measure agreement with the original")
     device: str = _opt("auto", "'auto' (GPU when Accelerate sees one), 'cpu' or 'cuda'")
 
@@ -80,6 +81,8 @@ class RepairSettings:
             raise UsageError(f"--ranking must be 'global' or 'layer-normalized', got '{self.ranking}'")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"--device must be auto, cpu or cuda, got '{self.device}'")
+        if not 0 < self.fallback_ratio < 1:
+            raise UsageError(f"--fallback-ratio must be in (0, 1), got {self.fallback_ratio}")
         for r in self.grid():
             if not 0 < r < 1:
                 raise UsageError(f"--ratio-grid values must be in (0, 1), got {r}")

@@ -4,6 +4,7 @@ and random labels; only the *change* it causes in each neuron's weights is used 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,15 @@ def noise_batch(spec: InputSpec, n: int, generator: torch.Generator, size: int |
     return spec.normalize(x) if normalize else x
 
 
-def unlearn(model: nn.Module, spec: InputSpec, settings: RepairSettings, device: torch.device | None = None) -> UnlearnResult:
-    """Run random unlearning on a float32 deep copy; the input model is never touched."""
+def unlearn(
+    model: nn.Module,
+    spec: InputSpec,
+    settings: RepairSettings,
+    device: torch.device | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> UnlearnResult:
+    """Run random unlearning on a float32 deep copy; the input model is never touched.
+    ``progress("unlearn", step, steps)`` is called after every step when given."""
     device = device or torch.device("cpu")
     work = copy.deepcopy(model).float().to(device)
     work.train(settings.unlearn_train_mode)
@@ -51,5 +59,7 @@ def unlearn(model: nn.Module, spec: InputSpec, settings: RepairSettings, device:
         last = float(loss.detach())
         if step == 0:
             first = last
+        if progress is not None:
+            progress("unlearn", step + 1, settings.unlearn_steps)
     work.eval()
     return UnlearnResult(model=work, steps=settings.unlearn_steps, first_loss=first, last_loss=last)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from otbr_hub.detect import DetectSettings, Detection, decide, detect, max_margin, MarginResult
+from otbr_hub.detect import DetectSettings, Detection, MarginResult, decide, detect, max_margin
 from otbr_hub.load import InputSpec
 
 SIZE = 10
@@ -151,18 +151,18 @@ def test_thousand_clean_classes_not_flagged() -> None:
     assert det.verdict == "clean", det
 
 
+def _result(margins: dict[int, float]) -> MarginResult:
+    return MarginResult(margins=margins, null_classes=sorted(margins), num_classes=len(margins))
+
+
 def test_decision_rules() -> None:
     """Hand-written margins: one clear outlier; and a tight cluster with a modest top, which
     the Gamma-only rule flags and the robust rule does not."""
-    outlier = MarginResult(margins={c: 10.0 + c * 0.5 for c in range(9)} | {9: 60.0}, null_classes=list(range(10)), num_classes=10)
+    outlier = _result({c: 10.0 + c * 0.5 for c in range(9)} | {9: 60.0})
     det = decide(outlier)
     assert det.verdict == "backdoored" and det.suspected_target == 9
 
-    tight = MarginResult(
-        margins={0: 20.0, 1: 20.2, 2: 19.9, 3: 20.1, 4: 19.8, 5: 20.3, 6: 20.0, 7: 19.9, 8: 20.1, 9: 22.5},
-        null_classes=list(range(10)),
-        num_classes=10,
-    )
+    tight = _result({0: 20.0, 1: 20.2, 2: 19.9, 3: 20.1, 4: 19.8, 5: 20.3, 6: 20.0, 7: 19.9, 8: 20.1, 9: 22.5})
     assert decide(tight, DetectSettings(method="mmbd")).verdict == "backdoored"
     robust = decide(tight)
     assert robust.verdict == "clean"
@@ -172,9 +172,8 @@ def test_decision_rules() -> None:
 def test_published_preset_and_json() -> None:
     s = DetectSettings.published()
     assert (s.inputs_per_class, s.steps, s.method, s.alpha_backdoored) == (30, 300, "mmbd", 0.05)
-    det = Detection.__dataclass_fields__  # the JSON form keeps every field
-    out = decide(MarginResult(margins={c: 10.0 + c for c in range(10)}, null_classes=list(range(10)), num_classes=10)).to_dict()
-    assert set(det) <= set(out)
+    out = decide(_result({c: 10.0 + c for c in range(10)})).to_dict()
+    assert set(Detection.__dataclass_fields__) <= set(out)  # the JSON form keeps every field
     assert all(isinstance(k, str) for k in out["statistics"])
 
 

@@ -106,7 +106,7 @@ def test_repair_leaves_input_bit_identical(build, kw):
 
 def cnn_layers_and_scores(seed: int = 3):
     model = small_cnn()
-    layers = select_layers(model, preset("default"))
+    layers = select_layers(model, preset("default", skip_stem=False))
     g = torch.Generator().manual_seed(seed)
     rank = {l.name: torch.rand(l.n_out, generator=g, dtype=torch.float64) for l in layers}
     nwc = {n: v.abs() + 0.1 for n, v in rank.items()}
@@ -118,6 +118,9 @@ def test_cnn_layer_rule():
     assert [l.name for l in layers] == ["conv1", "conv2", "fc1"]
     assert classifier_name(model) == "fc"
     assert [l.norm_name for l in layers] == ["bn1", "bn2", None]
+    # the default preset leaves the stem (first layer) alone; the paper preset does not
+    assert [l.name for l in select_layers(model, preset("default"))] == ["conv2", "fc1"]
+    assert [l.name for l in select_layers(model, preset("paper"))] == ["conv1", "conv2"]
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.01])
@@ -393,10 +396,15 @@ def timm_tiny(name: str):
 
 
 def _expected_layers(model: nn.Module) -> tuple[int, int, str]:
-    """Independent count: Conv2d outside shortcut/downsample paths, and Linear, minus the head."""
+    """Independent count: Conv2d outside shortcut/downsample paths, and Linear, minus the head
+    and minus the stem (the first Conv2d/Linear of the model)."""
     head = classifier_name(model)
     convs = lins = 0
+    stem = None
     for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and stem is None:
+            stem = name
+            continue
         if name == head:
             continue
         if isinstance(m, nn.Conv2d) and not any(p in name.split(".") for p in ("shortcut", "downsample")):

@@ -1,0 +1,171 @@
+"""Many models, several processes, progress output and device choice.
+
+The multi-process tests start real ``accelerate launch`` runs with two CPU processes
+(``ACCELERATE_USE_CPU=1`` with the torchrun launcher: ``accelerate launch --cpu`` alone
+starts a single process unless MPI is installed). Three models over two processes is an
+uneven split (two and one), which is where duplicates or gaps would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from otbr_hub.cli import folder_names, main
+from otbr_hub.distribute import Team, team
+from hubserver import HubServer
+from tiny import timm_folder, transformers_folder
+
+FAST = ["--unlearn-steps", "2", "--unlearn-batch", "16", "--verify-samples", "32", "--prune-ratio", "0.05"]
+SCAN_FAST = ["--steps", "10", "--inputs-per-class", "2"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("models")
+    return [timm_folder(root / "resnet-a"), timm_folder(root / "resnet-b"), transformers_folder(root / "vit")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], env: dict[str, str] | None = None, processes: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of the otbr-hub CLI on ``processes`` CPU processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "otbr_hub", *args]
+    full_env = {**os.environ, **(env or {}), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def test_two_processes_repair_and_push_each_model_once(models, tmp_path, hub_server: HubServer) -> None:
+    out = tmp_path / "out"
+    env = {**hub_server.env, "HF_TOKEN": hub_server.tokens.write}
+    proc = launch(["repair", *map(str, models), "--output", str(out), "--push", "-q", *FAST], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "" and "otbr-hub" not in proc.stderr  # --quiet: nothing but errors
+
+    summary = json.loads((out / "repair_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["models"] == 3 and summary["ok"] == 3
+    results = summary["results"]
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert [r["source"] for r in results] == [str(m) for m in models]
+    assert sorted(r["process"] for r in results) == [0, 0, 1]  # uneven split, nothing twice
+    assert [r["output"] for r in results] == ["resnet-a", "resnet-b", "vit"]
+    assert sorted(p.name for p in out.iterdir()) == ["repair_summary.json", "resnet-a", "resnet-b", "vit"]
+    for r in results:
+        assert json.loads((out / r["output"] / "otbr_report.json").read_text())["neurons_pruned"] >= 1
+
+    pushed = sorted(hub_server.repo_ids())
+    assert pushed == ["alice/resnet-a-otbr", "alice/resnet-b-otbr", "alice/vit-otbr"]
+    for repo in pushed:
+        history = hub_server.commits(repo)
+        assert len(history) == 2 and history[1].title == "initial commit"  # one push commit, not two
+    commit_posts = [r for r in hub_server.requests if r.method == "POST" and "/commit/" in r.path]
+    assert len(commit_posts) == 3
+    assert {r["url"] for r in results} == {f"{hub_server.endpoint}/{repo}" for repo in pushed}
+
+
+def test_two_processes_scan_one_combined_report(models, tmp_path) -> None:
+    report_path = tmp_path / "scan.json"
+    proc = launch(["scan", *map(str, models), "--format", "json", "-o", str(report_path), "--fail-on", "none",
+                   "-q", *SCAN_FAST])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(report_path.read_text())
+    assert [t["target"] for t in data["targets"]] == [str(m) for m in models]
+    assert data["summary"]["targets"] == 3 and data["settings"]["processes"] == 2
+    assert all(t["verdict"] in ("clean", "suspicious", "backdoored") for t in data["targets"])
+
+
+# --------------------------------------------------------------------------- one process, many models
+
+
+def test_many_sources_in_one_process(models, tmp_path, capsys) -> None:
+    listed = tmp_path / "sources.txt"
+    listed.write_text(f"# two more\n{models[1]}\n{models[2]}\n")
+    out = tmp_path / "out"
+    code, stdout, err = run(["repair", str(models[0]), "--from-file", str(listed), "-o", str(out), "--device", "cpu", *FAST],
+                            capsys)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("[1/3]") and lines[-1].startswith("repaired 3 of 3 models")
+    assert sorted(p.name for p in out.iterdir()) == ["repair_summary.json", "resnet-a", "resnet-b", "vit"]
+
+    # A second run may not replace the models without --overwrite, and checks that before any work.
+    code, _, err = run(["repair", *map(str, models), "-o", str(out), "--device", "cpu", *FAST], capsys)
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quiet_prints_only_errors_and_a_failure_does_not_stop_the_rest(models, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-model"
+    code, stdout, err = run(["repair", str(models[0]), str(missing), "-o", str(out), "-q", "--device", "cpu", *FAST], capsys)
+    assert code == 2
+    assert stdout == ""
+    assert err.strip().splitlines() == [f"otbr-hub: error: {missing}: {missing} is not a folder"]
+    summary = json.loads((out / "repair_summary.json").read_text())
+    assert [r["status"] for r in summary["results"]] == ["ok", "error"] and summary["failed"] == 1
+    assert (out / "resnet-a" / "model.safetensors").is_file() and not (out / "no-such-model").exists()
+
+
+def test_scan_quiet_prints_nothing(models, tmp_path, capsys) -> None:
+    code, stdout, err = run(["scan", str(models[0]), str(models[2]), "-q", "--format", "json", "-o",
+                             str(tmp_path / "r.json"), "--fail-on", "none", *SCAN_FAST], capsys)
+    assert code == 0 and stdout == "" and err == ""
+
+
+def test_several_sources_refuse_a_single_destination(models, capsys) -> None:
+    code, _, err = run(["repair", str(models[0]), str(models[1]), "--push", "--repo-id", "me/x", *FAST], capsys)
+    assert code == 2 and "--repo-id" in err
+
+
+def test_output_folder_names_are_unique() -> None:
+    names = folder_names(["./models/resnet", "/data/other/resnet", "alice/vit-base@v1", "./resnet/", "bob/x"])
+    assert names == ["resnet", "resnet-2", "alice--vit-base--v1", "resnet-3", "bob--x"]
+
+
+# --------------------------------------------------------------------------- placement and gathering
+
+
+def test_device_auto_is_the_cpu_without_a_gpu(models, tmp_path, capsys, monkeypatch) -> None:
+    from accelerate import PartialState
+
+    from otbr_hub.placement import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    PartialState._reset_state()
+    try:
+        assert resolve_device("auto") == torch.device("cpu")
+        code, _, err = run(["repair", str(models[0]), "-o", str(tmp_path / "o"), "-q", *FAST], capsys)  # --device auto
+        assert code == 0, err
+        assert json.loads((tmp_path / "o" / "otbr_report.json").read_text())["device"] == "cpu"
+    finally:
+        PartialState._reset_state()
+
+
+def test_single_process_team_keeps_one_result_per_item() -> None:
+    solo = team()
+    assert (solo.index, solo.size, solo.is_main) == (0, 1, True)
+    assert solo.share(["a", "b", "c"]) == [(0, "a"), (1, "b"), (2, "c")]
+    assert solo.gather([(2, "C"), (0, "A"), (1, "B"), (0, "again")], expected=3) == ["A", "B", "C"]
+    with pytest.raises(RuntimeError, match=r"\[1\]"):
+        Team(index=0, size=1).gather([(0, "A"), (2, "C")], expected=3)
