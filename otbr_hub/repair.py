@@ -176,8 +176,10 @@ def repair(
 
     with t("verify"):
         probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed)
+    scan_before = scan_after = None
     if settings.prune_ratio == "auto":
         det_fn, flagged = _detector(detector, work, spec, settings, t)
+        scan_before = _last_scan(det_fn)
         with t("choose_ratio"):
             choice, fused_model = choose_ratio(
                 settings.grid(),
@@ -194,6 +196,11 @@ def repair(
     pr: PruneResult = fused_model._otbr_prune
     fr: FuseResult = fused_model._otbr_fuse
     del fused_model._otbr_prune, fused_model._otbr_fuse
+
+    if settings.prune_ratio == "auto" and det_fn is not None:
+        with t("detect"):
+            det_fn(fused_model)
+        scan_after = _last_scan(det_fn)
 
     with t("verify"):
         check: Verification = verify(work, fused_model, spec, inputs=probe)
@@ -225,6 +232,8 @@ def repair(
                 "input_aligned_layers": len(fr.aligned_layers), "lambda": settings.lam},
         verification=check.to_dict(),
         timings={k: round(v, 3) for k, v in t.times.items()},
+        scan_before=scan_before,
+        scan_after=scan_after,
     )
     result = RepairResult(model=out, report=report, source=loaded)
     if push or publish_as_pr:
@@ -247,11 +256,18 @@ def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSetting
 
         def detector(m: nn.Module) -> tuple[bool, float]:
             d = detect(m, spec, ds)
+            detector.last = d.to_dict()  # type: ignore[attr-defined]
             return d.verdict != "clean", float(d.p_value)
 
     with t("detect"):
         flagged, _ = detector(work)
     return detector, flagged
+
+
+def _last_scan(detector: Any) -> dict[str, Any] | None:
+    """The detector's most recent full result, when it keeps one (the built-in one does)."""
+    last = getattr(detector, "last", None)
+    return dict(last) if isinstance(last, dict) else None
 
 
 def _same_kind(original: nn.Module, repaired: nn.Module, dtype: torch.dtype) -> nn.Module:
