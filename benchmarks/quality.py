@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otbr_hub import repair  # noqa: E402
+from otbr_hub.errors import UnsupportedModelError  # noqa: E402
 from otbr_hub.data import fashion_mnist_tensors  # noqa: E402
 from otbr_hub.evaluate import EvalResult, der, evaluate  # noqa: E402
 from otbr_hub.fuse import fuse  # noqa: E402
@@ -67,8 +68,11 @@ QUICK = [
 def clp(model: nn.Module, u: float = 3.0) -> tuple[nn.Module, int]:
     """Channel Lipschitzness-based pruning on conv+BatchNorm pairs; returns (model, channels pruned)."""
     out = copy.deepcopy(model)
-    layers = select_layers(out, preset("default", layer_types="conv", skip_shortcuts=False))
     pruned = 0
+    try:
+        layers = select_layers(out, preset("default", layer_types="conv", skip_shortcuts=False, skip_stem=False))
+    except UnsupportedModelError:  # no conv layers at all: CLP has nothing to look at
+        return out, 0
     with torch.no_grad():
         for layer in layers:
             bn = layer.norm
@@ -147,6 +151,21 @@ def fmt_row(row: dict[str, Any]) -> str:
             f"{cell(row['otbr_hub'])} r={row['otbr_hub']['ratio']}")
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README's table: ACC / ASR / DER per model and method."""
+    def cell(d: dict[str, Any]) -> str:
+        return f"{d['acc']:.1f} / {d['asr']:.1f} / {d['der']:.1f}" if "der" in d else f"{d['acc']:.1f} / {d['asr']:.1f}"
+
+    lines = ["| model | attack | before ACC / ASR | CLP | paper, oracle ratio | otbr-hub default (ratio) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        po = r["paper_oracle"]["best"]
+        attack = "clean" if r["clean"] else r["attack"].split(":")[0] + " t" + r["attack"].split("target=")[1].split(",")[0]
+        lines.append(f"| {r['model']} | {attack} | {cell(r['none'])} | {cell(r['clp'])} | {cell(po)} ({po['ratio']}) | "
+                     f"{cell(r['otbr_hub'])} ({r['otbr_hub']['ratio']}) |")
+    return "\n".join(lines)
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     bd = [r for r in rows if not r["clean"]]
     cl = [r for r in rows if r["clean"]]
@@ -177,6 +196,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def write_results(out: Path, argv: list[str] | None, limit: int | None, rows: list[dict[str, Any]]) -> None:
+    payload = {
+        "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "test_images": limit or 10000,
+        "summary": summarize(rows),
+        "models": rows,
+    }
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, out)
+
+
 def ensure_quick_models() -> list[Path]:
     """Train the --quick models with zoo.py unless they are cached already."""
     import subprocess
@@ -197,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one small model per attack kind; assert ASR < 10%% and ACC drop <= 5")
     ap.add_argument("--limit", type=int, default=None, help="test images to use (default: all 10,000; --quick: 2,000)")
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--table", metavar="JSON", help="only print the Markdown table of an earlier results file")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())["models"]))
+        return 0
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.models:
         folders = [Path(m) for m in args.models]
@@ -208,27 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     if not folders:
         raise SystemExit("no models: run `python benchmarks/zoo.py --all` first")
     limit = args.limit if args.limit is not None else (2000 if args.quick else None)
+    out = Path(args.out) if args.out else RESULTS / ("quality-quick.json" if args.quick else "quality.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"{'model':<34} {'none ACC/ASR':>18} | {'CLP ACC/ASR DER':>18} | {'paper-oracle':>24} | otbr-hub default")
     for folder in folders:
         row = bench_model(folder, limit)
         rows.append(row)
         print(fmt_row(row), flush=True)
-    summary = summarize(rows)
-    print(json.dumps(summary, indent=2))
-    out = Path(args.out) if args.out else RESULTS / ("quality-quick.json" if args.quick else "quality.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "test_images": limit or 10000,
-        "summary": summary,
-        "models": rows,
-    }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, out)
+        write_results(out, argv, limit, rows)  # after every model, so a long run keeps what it measured
+    print(json.dumps(summarize(rows), indent=2))
+    print(markdown_table(rows))
     if args.quick:
         failed = [r["model"] for r in rows if not r["clean"] and (
             r["otbr_hub"]["asr"] >= 10 or r["none"]["acc"] - r["otbr_hub"]["acc"] > 5)]
