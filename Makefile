@@ -23,6 +23,7 @@ $(FMNIST):
 
 # Repair the bundled backdoored example and print ACC / ASR before and after.
 demo: setup
+	mkdir -p out
 	$(BIN)/otbr-hub repair examples/badnets-resnet --output out/badnets-resnet-otbr --overwrite \
 		--eval-dataset fashion_mnist --trigger examples/badnets-resnet/trigger.json
 
