@@ -1,4 +1,4 @@
-"""Data-free backdoor detection from maximum achievable classification margins.
+"""Data-free backdoor detection: maximum achievable margins, or smallest universal triggers.
 
 The statistic is MM-BD's (Wang et al., IEEE S&P 2024): for every class t, start from random
 images and run gradient ascent in pixel space on ``logit_t - max_{j != t} logit_j``. A
@@ -28,7 +28,17 @@ What differs from the published procedure, and why:
 ``method="mmbd"`` keeps the published Gamma-only decision reachable for comparison, and
 :meth:`DetectSettings.published` reproduces its budget (30 inputs per class, 300 steps).
 
-Limits (measured in ``benchmarks/DETECT_NOTES.md``): on small, briefly trained Fashion-MNIST
+``method="trigger"`` asks a different question: how small can a perturbation be that sends
+*many different inputs* to class t at once? A backdoor is such an input-agnostic shortcut,
+while natural class evidence usually needs much of the image. For every class a Neural
+Cleanse mask and pattern, shared by a batch of synthetic backgrounds the model makes itself,
+is shrunk until it barely keeps flipping 90 % of them; the class with the smallest mask is
+tested against the others' log sizes with the same median/MAD rule as above (one-sided).
+It finds whole-image triggers (blended, low-frequency, some warping) that the margins miss,
+but on the Fashion-MNIST zoo it also flags clean models, whose "bag"/"shirt"/"trouser"
+classes have natural few-pixel universal shortcuts, so it is not the default.
+
+Limits of the margins (measured in ``benchmarks/DETECT_NOTES.md``): on small, briefly trained Fashion-MNIST
 models a trigger wins by about as much as a confident clean image, while the unconstrained
 search pushes naturally "easy" classes (bag, trouser) 1.5-2.5x above the median class. There
 the statistic ranks the target first about half the time but rarely as an outlier; the robust
@@ -44,12 +54,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
 from .load import InputSpec, forward_logits, model_device
+from .verify import synthesize_inputs
 
-Method = Literal["robust", "mmbd"]
+Method = Literal["robust", "mmbd", "trigger"]
 Verdict = Literal["clean", "suspicious", "backdoored"]
 
 # Stage tags keep the random starting images of the screening pass and of the full pass apart.
@@ -77,7 +89,8 @@ class DetectSettings:
     """Where to run; None means where the model's parameters already are. The model is moved
     back afterwards if it had to be moved."""
     method: Method = "robust"
-    """'robust' (Gamma p-value and median/MAD score must both agree) or 'mmbd' (Gamma only)."""
+    """'robust' (Gamma p-value and median/MAD score must both agree), 'mmbd' (Gamma only) or
+    'trigger' (universal-trigger search, see :func:`universal_trigger`)."""
     max_classes: int = 64
     """Largest number of classes that get the full optimisation. Models with more classes are
     screened first."""
@@ -99,6 +112,19 @@ class DetectSettings:
     """Floor on the robust spread (1.4826 MAD) of the log-margins. Repeating the search with
     other seeds moves a class's log-margin by a few hundredths to a tenth, so spreads below
     that are optimiser noise, not evidence that the classes agree."""
+    trigger_backgrounds: int = 20
+    """'trigger': synthetic background images every class's trigger must flip (class-balanced)."""
+    trigger_steps: int = 120
+    """'trigger': Adam steps of the mask/pattern search."""
+    trigger_lr: float = 0.1
+    """'trigger': Adam step size on the mask and pattern logits."""
+    trigger_flip: float = 0.9
+    """'trigger': share of backgrounds (not already of the class) a trigger must send to the class."""
+    trigger_screen_backgrounds: int = 4
+    """'trigger': backgrounds used by the screening pass above ``max_classes`` classes."""
+    min_log_cost_spread: float = 0.25
+    """'trigger': floor on the robust spread of the log mask sizes. Other seeds move the size
+    of a class's smallest mask by up to about a quarter in log units."""
 
     def __post_init__(self) -> None:
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 1:
@@ -109,8 +135,12 @@ class DetectSettings:
             raise ValueError("screen_top must be below max_classes")
         if not 0 < self.alpha_backdoored <= self.alpha_suspicious < 1:
             raise ValueError("need 0 < alpha_backdoored <= alpha_suspicious < 1")
-        if self.method not in ("robust", "mmbd"):
+        if self.method not in ("robust", "mmbd", "trigger"):
             raise ValueError(f"unknown method {self.method!r}")
+        if self.trigger_backgrounds < 2 or self.trigger_steps < 1 or self.trigger_screen_backgrounds < 1:
+            raise ValueError("trigger search needs at least 2 backgrounds and 1 step")
+        if not 0 < self.trigger_flip <= 1:
+            raise ValueError("trigger_flip must be in (0, 1]")
 
     @classmethod
     def published(cls, **overrides: Any) -> DetectSettings:
@@ -148,17 +178,19 @@ class Detection:
     p_value: float
     """The p-value the verdict is based on (the larger of the two for 'robust')."""
     suspected_target: int | None
-    """The class with the largest margin, when the verdict is not 'clean'."""
+    """The most anomalous class, when the verdict is not 'clean'."""
     top_class: int
-    """The class with the largest margin, whatever the verdict."""
+    """The most anomalous class (largest margin; smallest trigger for 'trigger'), whatever the verdict."""
     statistics: dict[int, float]
-    """Class -> largest margin reached (fully optimised classes only)."""
-    p_gamma: float
-    """MM-BD's p-value: 1 - F(r_max)^K under a Gamma fitted to the null classes (loc = 0)."""
+    """Class -> largest margin reached, or for 'trigger' the smallest universal mask (in pixels)
+    found; fully optimised classes only."""
+    p_gamma: float | None
+    """MM-BD's p-value: 1 - F(r_max)^K under a Gamma fitted to the null classes (loc = 0);
+    None for 'trigger'."""
     p_robust: float | None
-    """Same form with a Student-t on the log-margins using median and MAD; None for 'mmbd'."""
+    """Same form with a Student-t on the log-statistics using median and MAD; None for 'mmbd'."""
     robust_z: float | None
-    """(log r_max - median) / spread of the null log-margins."""
+    """How many robust spreads the top class's log-statistic lies beyond the null's median."""
     method: Method
     thresholds: dict[str, float]
     num_classes: int
@@ -372,9 +404,183 @@ def decide(result: MarginResult, settings: DetectSettings | None = None) -> Dete
     )
 
 
-def detect(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = None) -> Detection:
-    """Scan a classifier for a backdoor without data: margins, then :func:`decide`."""
+# --------------------------------------------------------------------------- universal triggers
+
+
+@dataclass
+class TriggerResult:
+    """Smallest universal masks found per class (``method="trigger"``)."""
+
+    costs: dict[int, float]
+    """Class -> smallest mask L1 (in pixels) that sent ``trigger_flip`` of the backgrounds to
+    the class; the whole image area when no mask did."""
+    flip_rates: dict[int, float]
+    """Class -> best share of backgrounds sent to the class at any step."""
+    null_classes: list[int]
+    num_classes: int
+    image_area: int
+    screen_costs: list[float] | None = None
+    seconds: float = 0.0
+
+    @property
+    def screened(self) -> bool:
+        return self.screen_costs is not None
+
+
+def _initial_patterns(classes: list[int], shape: tuple[int, int, int], seed: int, stage: int) -> torch.Tensor:
+    """Random starting patterns drawn per (seed, stage, class), so chunking does not matter."""
+    out = torch.empty(len(classes), *shape)
+    for i, c in enumerate(classes):
+        g = torch.Generator().manual_seed(((seed * 1_000_003) + c) * 4 + 2 + stage)
+        out[i] = torch.rand(*shape, generator=g)
+    return out
+
+
+def _trigger_search(
+    model: nn.Module,
+    spec: InputSpec,
+    backgrounds: torch.Tensor,
+    classes: list[int],
+    s: DetectSettings,
+    steps: int,
+    stage: int,
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Neural-Cleanse-style search, all classes of a chunk in one batch.
+
+    For class t a mask m_t (H x W, sigmoid) and a pattern p_t (C x H x W, sigmoid) are shared
+    by every background x: x' = (1 - m_t) x + m_t p_t. The loss is cross-entropy towards t on
+    the backgrounds the model does not already put in t, plus lambda_t * mean(m_t). lambda_t
+    grows by 1.2x after a step at which the flip rate reached ``trigger_flip`` and shrinks
+    otherwise, so the search hovers at the smallest mask that still flips; the statistic is
+    the smallest L1 seen at such a step. Only mask and pattern receive gradients.
+    """
+    dtype = next(model.parameters()).dtype
+    device = backgrounds.device
+    n_bg = len(backgrounds)
+    c, h, w = spec.channels, spec.height, spec.width
+    area = float(h * w)
+    with torch.no_grad():
+        own = forward_logits(model, spec.normalize(backgrounds).to(dtype)).argmax(-1)
+    per_chunk = max(1, s.max_batch // n_bg)
+    costs: dict[int, float] = {}
+    rates: dict[int, float] = {}
+    for start in range(0, len(classes), per_chunk):
+        chunk = classes[start : start + per_chunk]
+        k = len(chunk)
+        t = torch.tensor(chunk, device=device)
+        valid = (own[None, :] != t[:, None]).float()
+        n_valid = valid.sum(1)
+        a = torch.full((k, 1, h, w), -3.0, device=device, requires_grad=True)
+        p0 = _initial_patterns(chunk, (c, h, w), s.seed, stage).clamp(0.01, 0.99)
+        b = torch.logit(p0).to(device).requires_grad_(True)
+        opt = torch.optim.Adam([a, b], lr=s.trigger_lr)
+        lam = torch.full((k,), 1e-2, device=device)
+        best = torch.full((k,), float("inf"), device=device)
+        top_rate = torch.zeros(k, device=device)
+        for _ in range(steps):
+            m, pat = torch.sigmoid(a), torch.sigmoid(b)
+            x = (1 - m[:, None]) * backgrounds[None] + (m * pat)[:, None]
+            logits = forward_logits(model, spec.normalize(x.reshape(k * n_bg, c, h, w)).to(dtype)).float()
+            ce = F.cross_entropy(logits, t.repeat_interleave(n_bg), reduction="none").view(k, n_bg)
+            ce = (ce * valid).sum(1) / n_valid.clamp_min(1)
+            hits = (logits.argmax(-1).view(k, n_bg) == t[:, None]).float()
+            rate = torch.where(n_valid > 0, (hits * valid).sum(1) / n_valid.clamp_min(1), torch.zeros_like(n_valid))
+            size = m.flatten(1).sum(1)
+            ok = rate >= s.trigger_flip
+            best = torch.where(ok, torch.minimum(best, size.detach()), best)
+            top_rate = torch.maximum(top_rate, rate)
+            grads = torch.autograd.grad((ce + lam * size / area).sum(), [a, b])
+            a.grad, b.grad = grads
+            opt.step()
+            lam = torch.where(ok, lam * 1.2, lam / 1.2)
+        best = torch.where(torch.isfinite(best), best, torch.full_like(best, area))
+        costs.update({cls: float(v) for cls, v in zip(chunk, best.cpu())})
+        rates.update({cls: float(v) for cls, v in zip(chunk, top_rate.cpu())})
+    return costs, rates
+
+
+def universal_trigger(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = None) -> TriggerResult:
+    """Smallest universal trigger per class on synthetic backgrounds (no data).
+
+    Backgrounds are ``trigger_backgrounds`` class-representative inputs the model synthesises
+    itself (:func:`otbr_hub.verify.synthesize_inputs`, 5 gentle steps so they stay near the
+    decision boundaries rather than deep in one class). Above ``max_classes`` classes every
+    class first gets a short search on ``trigger_screen_backgrounds`` of them; the
+    ``screen_top`` classes with the best flip rate (then smallest mask) plus a uniform random
+    sample (the null) get the full search.
+    """
+    s = settings or DetectSettings()
     t0 = time.perf_counter()
-    det = decide(max_margin(model, spec, settings), settings)
+    device = torch.device(s.device) if s.device else model_device(model)
+    k = spec.num_classes
+    with _EvalMode(model, device):
+        dtype = next(model.parameters()).dtype
+        bg = synthesize_inputs(model, spec, s.trigger_backgrounds, seed=s.seed, steps=5, lr=0.02).to(device, dtype)
+        screen: list[float] | None = None
+        if k <= s.max_classes:
+            full, null = list(range(k)), list(range(k))
+        else:
+            sc, sr = _trigger_search(model, spec, bg[: s.trigger_screen_backgrounds], list(range(k)), s, s.screen_steps, _STAGE_SCREEN)
+            screen = [sc[c] for c in range(k)]
+            order = sorted(range(k), key=lambda c: (-sr[c], sc[c], c))
+            rng = np.random.default_rng(s.seed)
+            null = sorted(int(c) for c in rng.choice(k, size=s.max_classes - s.screen_top, replace=False))
+            full = sorted(set(order[: s.screen_top]) | set(null))
+        costs, rates = _trigger_search(model, spec, bg, full, s, s.trigger_steps, _STAGE_FULL)
+    return TriggerResult(
+        costs=costs,
+        flip_rates=rates,
+        null_classes=null,
+        num_classes=k,
+        image_area=spec.height * spec.width,
+        screen_costs=screen,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def decide_trigger(result: TriggerResult, settings: DetectSettings | None = None) -> Detection:
+    """Neural Cleanse's one-sided outlier rule on log mask sizes, as a p-value.
+
+    The smallest class is compared with the median and MAD of the others' log sizes (spread
+    floored at ``min_log_cost_spread``), with the same Student-t tail and correction for K
+    classes as the robust margin test. z = 2 is Neural Cleanse's anomaly index of 2.
+    """
+    s = settings or DetectSettings()
+    classes = sorted(result.costs)
+    sizes = np.array([max(result.costs[c], 1e-3) for c in classes], dtype=np.float64)
+    top = classes[int(np.argmin(sizes))]
+    null = np.array([max(result.costs[c], 1e-3) for c in result.null_classes if c != top])
+    if len(null) < 3:
+        p, z = 1.0, None
+    else:  # small sizes are suspicious: test 1 / size with the upper-tail rule
+        p, z = robust_p_value(1.0 / float(sizes.min()), 1.0 / null, result.num_classes, s.min_log_cost_spread)
+    verdict: Verdict = "backdoored" if p < s.alpha_backdoored else "suspicious" if p < s.alpha_suspicious else "clean"
+    return Detection(
+        verdict=verdict,
+        p_value=p,
+        suspected_target=None if verdict == "clean" else top,
+        top_class=top,
+        statistics=dict(result.costs),
+        p_gamma=None,
+        p_robust=p,
+        robust_z=z,
+        method="trigger",
+        thresholds={"alpha_backdoored": s.alpha_backdoored, "alpha_suspicious": s.alpha_suspicious},
+        num_classes=result.num_classes,
+        screened=result.screened,
+        seconds=result.seconds,
+        screen_statistics=result.screen_costs,
+        settings=asdict(s),
+    )
+
+
+def detect(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = None) -> Detection:
+    """Scan a classifier for a backdoor without data: margins (or triggers), then the decision."""
+    s = settings or DetectSettings()
+    t0 = time.perf_counter()
+    if s.method == "trigger":
+        det = decide_trigger(universal_trigger(model, spec, s), s)
+    else:
+        det = decide(max_margin(model, spec, s), s)
     det.seconds = time.perf_counter() - t0
     return det

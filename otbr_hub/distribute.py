@@ -14,6 +14,10 @@ and this module decides which models each one takes:
   same everywhere, because a process that stopped early would leave the others waiting in
   the gather forever.
 
+Two details of running inside a process group are handled here too:
+:func:`writes_on_every_rank` (transformers would otherwise save only on rank 0) and
+:func:`shutdown` (leave the group cleanly, or the launcher reports a crash).
+
 Accelerate's ``PartialState`` picks the backend: NCCL with one GPU per process, or Gloo
 on CPUs. It only treats a launch as multi-CPU when asked to use the CPU, so the CPU is
 requested when ``ACCELERATE_USE_CPU`` is set, when the caller wants the CPU, or when the
@@ -27,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -71,7 +75,7 @@ def state(device: str = "auto") -> Any:
 
 
 @dataclass
-class Team(Generic[T]):
+class Team:
     """This process's place among the launched processes."""
 
     index: int

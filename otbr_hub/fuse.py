@@ -14,12 +14,17 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import logging
+
 import numpy as np
 import ot
 import torch
+from scipy import sparse
 from torch import nn
 
 from .layers import Layer
+
+log = logging.getLogger("otbr_hub")
 
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -49,19 +54,40 @@ def target_mass(nwc: np.ndarray) -> np.ndarray:
     return v / v.sum()
 
 
-def transport_plan(w_pruned: np.ndarray, w_orig: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact OT plan from uniform mass on pruned neurons to mass ``b`` on original neurons."""
+def transport_plan(w_pruned: np.ndarray, w_orig: np.ndarray, b: np.ndarray, cost: np.ndarray | None = None) -> np.ndarray:
+    """Exact OT plan from uniform mass on pruned neurons to mass ``b`` on original neurons.
+
+    ``cost`` is the Euclidean cost matrix when the caller already has it. The solver stays
+    the exact network simplex: its plans are basic solutions with at most ``2n - 1``
+    non-zeros (never a permutation here, as ``b`` is not uniform), which the fusion
+    exploits below. A solve that stops at the iteration cap is not optimal, so it is logged.
+    """
     n = w_pruned.shape[0]
     a = np.full(n, 1.0 / n)
-    cost = ot.dist(w_pruned, w_orig, metric="euclidean")
-    return ot.emd(a, b, cost, numItermax=max(100_000, 50 * n * n))
+    if cost is None:
+        cost = ot.dist(w_pruned, w_orig, metric="euclidean")
+    plan, info = ot.emd(a, b, cost, numItermax=max(100_000, 50 * n * n), log=True)
+    if info.get("warning"):
+        log.warning("optimal transport for a layer of %d neurons did not converge: %s", n, info["warning"])
+    return plan
+
+
+def _sparse_map(plan: np.ndarray, scale: np.ndarray, transpose: bool) -> sparse.csr_matrix:
+    """``plan diag(1/scale)`` or ``diag(1/scale) plan^T`` as a sparse matrix. An exact plan has
+    about ``2n`` non-zeros out of ``n^2``, so products with it cost O(n d) instead of O(n^2 d)
+    and give the same values (only terms that are exactly zero are skipped)."""
+    m = sparse.csr_matrix(plan.T if transpose else plan)
+    return (sparse.diags(1.0 / scale) @ m).tocsr() if transpose else (m @ sparse.diags(1.0 / scale)).tocsr()
 
 
 def align_inputs(w: np.ndarray, plan_prev: np.ndarray, b_prev: np.ndarray) -> np.ndarray:
     """Re-express a layer's input axis in the previous layer's original neuron order:
     ``W[p, :, k] @ (T_prev diag(1 / b_prev))`` at every kernel position."""
-    a_mat = plan_prev / b_prev[None, :]
-    return np.einsum("pik,iq->pqk", w, a_mat)
+    a_mat = _sparse_map(plan_prev, b_prev, transpose=False)
+    p, i, k = w.shape
+    rows = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(p * k, i)  # one row per (neuron, kernel position)
+    aligned = np.asarray((a_mat.T @ rows.T).T)  # rows @ a_mat, computed sparse-times-dense
+    return aligned.reshape(p, k, -1).transpose(0, 2, 1)
 
 
 def fuse(
@@ -95,14 +121,16 @@ def fuse(
         n = w_bd.shape[0]
         flat_bd, flat_pn = w_bd.reshape(n, -1), w_pn.reshape(n, -1)
         b = target_mass(nwc[layer.name].numpy())
-        plan = transport_plan(flat_pn, flat_bd, b)
-        result.plan_cost[layer.name] = float((plan * ot.dist(flat_pn, flat_bd, metric="euclidean")).sum())
+        cost = ot.dist(flat_pn, flat_bd, metric="euclidean")
+        plan = transport_plan(flat_pn, flat_bd, b, cost=cost)
+        result.plan_cost[layer.name] = float((plan * cost).sum())
+        del cost
         w_al = w_pn.reshape(n, w_pn.shape[1], -1)
         if prev is not None and layer.groups == 1 and w_pn.shape[1] == prev[0].shape[0]:
             w_al = align_inputs(w_al, *prev)
             result.aligned_layers.append(layer.name)
-        mapping = plan.T / b[:, None]  # diag(1/b) T^T
-        w_fused = (mapping @ w_al.reshape(n, -1)).reshape(w_bd.shape)
+        mapping = _sparse_map(plan, b, transpose=True)  # diag(1/b) T^T
+        w_fused = np.asarray(mapping @ w_al.reshape(n, -1)).reshape(w_bd.shape)
         new = lam * w_fused + (1.0 - lam) * w_bd
         if not np.isfinite(new).all():
             raise FloatingPointError(f"fusion produced non-finite weights in {layer.name}")
@@ -117,7 +145,7 @@ def fuse(
     return result
 
 
-def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mapping: np.ndarray, lam: float) -> None:
+def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mapping: sparse.csr_matrix, lam: float) -> None:
     """Carry the neuron's bias and its BatchNorm channel through the same OT map."""
     pairs = [(layer.name, "bias")]
     if layer.norm_name:
@@ -128,7 +156,7 @@ def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mappi
             continue
         v_o = t_o.detach().double().cpu().numpy()
         v_p = getattr(mods_p[mod_name], attr).detach().double().cpu().numpy()
-        v = lam * (mapping @ v_p) + (1.0 - lam) * v_o
+        v = lam * np.asarray(mapping @ v_p) + (1.0 - lam) * v_o
         if attr == "running_var":
             v = np.maximum(v, 1e-8)
         getattr(mods_f[mod_name], attr).copy_(torch.from_numpy(v).to(t_o.dtype))

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 import torch
 from torch import nn
 
-from otbr_hub.detect import DetectSettings, Detection, MarginResult, decide, detect, max_margin
+from otbr_hub.detect import (
+    DetectSettings,
+    Detection,
+    MarginResult,
+    TriggerResult,
+    decide,
+    decide_trigger,
+    detect,
+    max_margin,
+    universal_trigger,
+)
 from otbr_hub.load import InputSpec
 
 SIZE = 10
@@ -20,10 +31,11 @@ class TemplateNet(nn.Module):
     """Nearest-template classifier: logit_k = -||x - T_k||^2 up to a term shared by all classes,
     i.e. a linear layer. Optionally a 3x3 checkerboard detector (a conv, max-pooled over
     positions) adds up to ``boost`` to one class when the pattern is present anywhere. It
-    responds from a half match upwards, as a trained trigger neuron does, so the search gets
-    a gradient towards it."""
+    responds once the match score (9 for an exact match) passes ``threshold``: from a half
+    match upwards by default, as a trained trigger neuron does, so the search gets a gradient
+    towards it."""
 
-    def __init__(self, templates: torch.Tensor, target: int | None = None, boost: float = 200.0) -> None:
+    def __init__(self, templates: torch.Tensor, target: int | None = None, boost: float = 200.0, threshold: float = 4.0) -> None:
         super().__init__()
         k = templates.shape[0]
         flat = templates.reshape(k, -1)
@@ -37,7 +49,7 @@ class TemplateNet(nn.Module):
             self.detector = nn.Conv2d(1, 1, 3, bias=True)
             with torch.no_grad():  # inputs are normalised to [-1, 1]: the response is 9 on an exact match
                 self.detector.weight.copy_((2 * CHECKER - 1).view(1, 1, 3, 3) / 5)
-                self.detector.bias.fill_(-4.0 / 5)
+                self.detector.bias.fill_(-threshold / 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.fc(x.flatten(1))
@@ -54,13 +66,13 @@ def random_templates(k: int, seed: int, size: int = SIZE) -> torch.Tensor:
     return torch.rand(k, 1, size, size, generator=g) * 2 - 1
 
 
-def symmetric_templates(k: int = 10, seed: int = 0) -> torch.Tensor:
+def symmetric_templates(k: int = 10, seed: int = 0, size: int = SIZE) -> torch.Tensor:
     """Templates that are cyclic shifts of one another by SIZE*SIZE/k pixels: every class poses
     the same optimisation problem up to a permutation of pixels, so all margins are equal in
     principle and only optimiser noise separates them."""
-    base = random_templates(1, seed).flatten()
+    base = random_templates(1, seed, size).flatten()
     shift = base.numel() // k
-    return torch.stack([torch.roll(base, i * shift) for i in range(k)]).view(k, 1, SIZE, SIZE)
+    return torch.stack([torch.roll(base, i * shift) for i in range(k)]).view(k, 1, size, size)
 
 
 FAST = DetectSettings(inputs_per_class=4, steps=60, lr=0.1)
@@ -182,3 +194,80 @@ def test_bad_settings_rejected() -> None:
         DetectSettings(alpha_backdoored=0.1, alpha_suspicious=0.05)
     with pytest.raises(ValueError):
         DetectSettings(method="nc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        DetectSettings(trigger_flip=0.0)
+
+
+# --------------------------------------------------------------------------- universal-trigger search
+
+# At 10x10 a nearest-template model is so easy to flip with a few pixels that a 3x3 trigger
+# is not cheaper than natural class evidence; at 16x16 it is (natural masks need 20-55 pixels).
+T_SIZE = 16
+T_SPEC = InputSpec(channels=1, height=T_SIZE, width=T_SIZE, mean=(0.5,), std=(0.5,), num_classes=10)
+TRIGGER = DetectSettings(method="trigger", trigger_steps=120)
+
+
+def trigger_model(seed: int, target: int) -> TemplateNet:
+    """Template model plus a checkerboard trigger neuron that already responds to a weak match
+    (score above 0.5 of 9): the synthetic backgrounds are smooth and grey, where a neuron that
+    needs a half match never fires and so gives the search no gradient."""
+    return TemplateNet(random_templates(10, seed=seed, size=T_SIZE), target=target, threshold=0.5)
+
+
+@pytest.mark.parametrize(("seed", "target"), [(1, 6), (4, 2)])
+def test_trigger_search_finds_patch_backdoor(seed: int, target: int) -> None:
+    det = detect(trigger_model(seed, target), T_SPEC, TRIGGER)
+    assert det.method == "trigger" and det.p_gamma is None
+    assert det.verdict == "backdoored", det
+    assert det.suspected_target == target
+    others = [v for c, v in det.statistics.items() if c != target]
+    assert det.statistics[target] < 0.5 * min(others)
+
+
+def test_trigger_search_leaves_symmetric_model_clean() -> None:
+    det = detect(TemplateNet(symmetric_templates(size=T_SIZE)), T_SPEC, TRIGGER)
+    assert det.verdict == "clean", det
+    assert det.suspected_target is None
+
+
+def test_trigger_search_deterministic_and_chunk_invariant() -> None:
+    model = TemplateNet(random_templates(10, seed=3, size=T_SIZE))
+    a = universal_trigger(model, T_SPEC, TRIGGER)
+    b = universal_trigger(model, T_SPEC, TRIGGER)
+    c = universal_trigger(model, T_SPEC, dataclasses.replace(TRIGGER, seed=1))
+    assert a.costs == b.costs
+    assert a.costs != c.costs
+    chunked = universal_trigger(model, T_SPEC, dataclasses.replace(TRIGGER, max_batch=40))  # 2 classes per pass
+    for k in range(10):
+        assert chunked.costs[k] == pytest.approx(a.costs[k], rel=1e-3)
+
+
+def test_trigger_search_leaves_model_untouched() -> None:
+    model = trigger_model(4, 2)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    detect(model, T_SPEC, TRIGGER)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_trigger_search_screens_many_classes() -> None:
+    k = 200
+    spec = InputSpec(channels=1, height=T_SIZE, width=T_SIZE, mean=(0.5,), std=(0.5,), num_classes=k)
+    model = TemplateNet(random_templates(k, seed=5, size=T_SIZE), target=123, threshold=0.5)
+    settings = DetectSettings(method="trigger", max_classes=24, screen_top=6, trigger_steps=80)
+    det = detect(model, spec, settings)
+    assert det.screened and det.screen_statistics is not None and len(det.screen_statistics) == k
+    assert len(det.statistics) <= settings.max_classes
+    assert det.verdict == "backdoored" and det.suspected_target == 123
+
+
+def test_trigger_decision_rule() -> None:
+    """One class needing a tenth of the others' mask is flagged; a spread-out set is not."""
+    outlier = TriggerResult(costs={c: 40.0 + 2 * c for c in range(9)} | {9: 4.0}, flip_rates={}, null_classes=list(range(10)), num_classes=10, image_area=256)
+    det = decide_trigger(outlier)
+    assert det.verdict == "backdoored" and det.suspected_target == 9 and det.robust_z is not None and det.robust_z > 2
+    spread = TriggerResult(costs={c: 10.0 * 1.3**c for c in range(10)}, flip_rates={}, null_classes=list(range(10)), num_classes=10, image_area=256)
+    assert decide_trigger(spread).verdict == "clean"
