@@ -264,10 +264,14 @@ def test_trigger_search_screens_many_classes() -> None:
     assert det.verdict == "backdoored" and det.suspected_target == 123
 
 
+def _trigger_result(costs: dict[int, float]) -> TriggerResult:
+    return TriggerResult(costs=costs, flip_rates={}, null_classes=sorted(costs), num_classes=len(costs), image_area=256)
+
+
 def test_trigger_decision_rule() -> None:
     """One class needing a tenth of the others' mask is flagged; a spread-out set is not."""
-    outlier = TriggerResult(costs={c: 40.0 + 2 * c for c in range(9)} | {9: 4.0}, flip_rates={}, null_classes=list(range(10)), num_classes=10, image_area=256)
+    outlier = _trigger_result({c: 40.0 + 2 * c for c in range(9)} | {9: 4.0})
     det = decide_trigger(outlier)
     assert det.verdict == "backdoored" and det.suspected_target == 9 and det.robust_z is not None and det.robust_z > 2
-    spread = TriggerResult(costs={c: 10.0 * 1.3**c for c in range(10)}, flip_rates={}, null_classes=list(range(10)), num_classes=10, image_area=256)
+    spread = _trigger_result({c: 10.0 * 1.3**c for c in range(10)})
     assert decide_trigger(spread).verdict == "clean"
