@@ -284,6 +284,9 @@ def run_nwc(args: argparse.Namespace) -> dict[str, Any]:
         key = Path(ref_name).name if ref_name not in MODELS else ref_name
         spec = loaded.spec
         print(f"== {key}: input {spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes", flush=True)
+        if args.pairs:
+            per_model[f"{key} (self-agreement)"] = {"self_agreement": self_agreement(loaded, key, args)}
+            continue
         t0 = time.perf_counter()
         steps, batch, size = parse_budget(args.reference)
         ref = cached_scores(f"{key}-{args.reference}-s0",
@@ -329,6 +332,22 @@ def run_nwc(args: argparse.Namespace) -> dict[str, Any]:
         per_model[key] = entry
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"reference": args.reference, "models": per_model}
+
+
+def self_agreement(loaded: Any, key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Agreement of a budget with itself under two other seeds: how reproducible its
+    ranking is at all. Where the reference is too costly to run twice (resnet50 at 224 px),
+    this bounds what any comparison with a single reference run can show."""
+    out = {}
+    for budget in args.pairs.split(","):
+        steps, batch, size = parse_budget(budget)
+        t0 = time.perf_counter()
+        a, b = (cached_scores(f"{key}-{budget}-s{seed}",
+                              lambda seed=seed: unlearn_scores(loaded, steps, batch, size, seed=seed, chunk=args.chunk))
+                for seed in (1, 2))
+        out[budget] = {**compare_scores(a, b), "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  {budget} seed 1 vs seed 2: {_fmt(out[budget])}", flush=True)
+    return out
 
 
 def _cost(steps: int, batch: int, size: int | None, r_steps: int, r_batch: int, r_size: int | None, spec: Any) -> float:
@@ -731,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     nw.add_argument("--seed-floor", action="store_true", help="also compare the reference with itself at seed 1")
     nw.add_argument("--truth", default=None, help="a much larger budget (e.g. 20x2048) that both the reference and "
                     "the candidates are also compared with: the reference is itself a noisy estimate")
+    nw.add_argument("--pairs", default=None, help="instead of comparing with the reference: run each of these "
+                    "budgets (comma list) with seeds 1 and 2 and compare the two")
     nw.add_argument("--append", action="store_true", help="keep other models' rows already in the results file")
 
     args = p.parse_args(argv)
@@ -741,7 +762,13 @@ def main(argv: list[str] | None = None) -> int:
         save_section(path, "pipeline", section, info, merge_models=args.append)
         print_table(section)
     elif args.mode == "emd":
-        save_section(path, "emd", run_emd(args), info)
+        data = run_emd(args)
+        if not data["fuse"]:  # widths only: keep the fuse timings already on file
+            try:
+                data["fuse"] = json.loads(path.read_text()).get("emd", {}).get("fuse", {})
+            except (OSError, ValueError):
+                pass
+        save_section(path, "emd", data, info)
     else:
         save_section(path, "nwc", run_nwc(args), info, merge_models=args.append)
     print(f"\nwrote {path.relative_to(ROOT)}")
