@@ -59,6 +59,7 @@ from scipy import stats
 from torch import nn
 
 from .load import InputSpec, forward_logits, model_device
+from .placement import images_per_pass
 from .verify import synthesize_inputs
 
 Method = Literal["robust", "mmbd", "trigger"]
@@ -103,7 +104,9 @@ class DetectSettings:
     remaining ``max_classes - screen_top`` slots go to a uniform random sample (the null)."""
     max_batch: int = 128
     """Most images per forward pass (memory grows with it); more classes than fit are optimised
-    in consecutive chunks. Ten classes at the default inputs per class fit in one pass."""
+    in consecutive chunks. Ten classes at the default inputs per class fit in one pass. Large
+    inputs are further capped by :data:`otbr_hub.placement.PIXELS_PER_PASS` (32 images at
+    224 px); starting images depend only on (seed, class), so chunking does not change results."""
     alpha_backdoored: float = 0.01
     """p-value below which the verdict is 'backdoored'."""
     alpha_suspicious: float = 0.05
@@ -244,7 +247,7 @@ def _search(
     parameters and their ``.grad`` are never touched."""
     dtype = next(model.parameters()).dtype
     shape = (spec.channels, spec.height, spec.width)
-    per_chunk = max(1, max_batch // n_inputs)
+    per_chunk = max(1, min(max_batch, images_per_pass(spec.height, spec.width)) // n_inputs)
     best: dict[int, float] = {}
     for start in range(0, len(classes), per_chunk):
         chunk = classes[start : start + per_chunk]
@@ -462,7 +465,7 @@ def _trigger_search(
     area = float(h * w)
     with torch.no_grad():
         own = forward_logits(model, spec.normalize(backgrounds).to(dtype)).argmax(-1)
-    per_chunk = max(1, s.max_batch // n_bg)
+    per_chunk = max(1, min(s.max_batch, images_per_pass(spec.height, spec.width)) // n_bg)
     costs: dict[int, float] = {}
     rates: dict[int, float] = {}
     for start in range(0, len(classes), per_chunk):

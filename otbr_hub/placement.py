@@ -25,3 +25,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and launched_processes() > 1:
         return state("cuda").device
     return torch.device(name)
+
+
+PIXELS_PER_PASS = 32 * 224 * 224
+"""Most input pixels (images x height x width) sent through a model in one pass.
+
+Activation memory grows with pixels, not with images: resnet50 in train mode needs about
+120 MB per 224 px image, so the paper's 256-image unlearning batch would need about 30 GB.
+32 images at 224 px keep a pass near 4 GB; at Fashion-MNIST's 32 px the whole batch of 256
+fits, so small models run exactly as before."""
+
+
+def images_per_pass(height: int, width: int, max_pixels: int = PIXELS_PER_PASS) -> int:
+    """How many images of this size fit in one pass under ``max_pixels``."""
+    return max(1, max_pixels // max(1, height * width))

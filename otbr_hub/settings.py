@@ -38,6 +38,10 @@ class RepairSettings:
     noise_size: int | None = _opt(None, "side of the noise images (default: the model's own input size)")
     label_off_by_one: bool = _opt(False, "draw random labels from 0..C-2 like the reference code")
     unlearn_train_mode: bool = _opt(True, "run unlearning with the model in train mode (BatchNorm uses batch statistics)")
+    unlearn_chunk: int | None = _opt(
+        None, "most noise images per forward/backward pass; a step's gradients are summed over its slices "
+        "(default: as many as fit in about 1.6 million pixels, i.e. 32 at 224 px, the whole batch at 32 px)"
+    )
     # which neurons count
     layer_types: str = _opt("conv,linear", "comma list of layer kinds to score: conv, linear")
     skip_shortcuts: bool = _opt(True, "leave shortcut/downsample projections alone")
@@ -74,6 +78,10 @@ class RepairSettings:
             raise UsageError(f"--lambda must be in [0, 1], got {self.lam}")
         if self.unlearn_steps < 0 or self.unlearn_batch < 1:
             raise UsageError("--unlearn-steps must be >= 0 and --unlearn-batch >= 1")
+        if self.unlearn_chunk is not None and self.unlearn_chunk < 1:
+            raise UsageError(f"--unlearn-chunk must be >= 1, got {self.unlearn_chunk}")
+        if self.verify_samples < 1:
+            raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
         kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}
         if not kinds or not kinds <= {"conv", "linear"}:
             raise UsageError(f"--layer-types takes conv and/or linear, got '{self.layer_types}'")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .load import InputSpec, forward_logits
+from .placement import images_per_pass
 from .settings import RepairSettings
 
 
@@ -40,7 +41,12 @@ def unlearn(
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> UnlearnResult:
     """Run random unlearning on a float32 deep copy; the input model is never touched.
-    ``progress("unlearn", step, steps)`` is called after every step when given."""
+    ``progress("unlearn", step, steps)`` is called after every step when given.
+
+    A step's batch is drawn whole (so noise and labels do not depend on memory limits) and
+    sent through the model in slices of ``settings.unlearn_chunk`` images (default: by
+    :func:`~otbr_hub.placement.images_per_pass`); the slices' gradients add up to the
+    batch's. In train mode only BatchNorm's batch statistics then come from the slice."""
     device = device or torch.device("cpu")
     work = copy.deepcopy(model).float().to(device)
     work.train(settings.unlearn_train_mode)
@@ -48,15 +54,24 @@ def unlearn(
     opt = torch.optim.SGD(params, lr=settings.unlearn_lr, momentum=settings.unlearn_momentum, weight_decay=0.0)
     gen = torch.Generator().manual_seed(settings.seed)
     n_labels = spec.num_classes - 1 if settings.label_off_by_one and spec.num_classes > 1 else spec.num_classes
+    side = settings.noise_size
+    chunk = settings.unlearn_chunk or images_per_pass(side or spec.height, side or spec.width)
+    n = settings.unlearn_batch
     first = last = float("nan")
     for step in range(settings.unlearn_steps):
-        x = noise_batch(spec, settings.unlearn_batch, gen, settings.noise_size, settings.normalize_noise).to(device)
-        y = torch.randint(0, n_labels, (settings.unlearn_batch,), generator=gen).to(device)
-        loss = F.cross_entropy(forward_logits(work, x).float(), y)
+        x = noise_batch(spec, n, gen, side, settings.normalize_noise)
+        y = torch.randint(0, n_labels, (n,), generator=gen)
         opt.zero_grad(set_to_none=True)
-        (-loss).backward()
+        total = 0.0
+        for i in range(0, n, chunk):
+            xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
+            logits = forward_logits(work, xs).float()
+            # one slice: the plain mean, bit-identical to an unsliced step
+            loss = F.cross_entropy(logits, ys) if chunk >= n else F.cross_entropy(logits, ys, reduction="sum") / n
+            (-loss).backward()
+            total += float(loss.detach())
         opt.step()
-        last = float(loss.detach())
+        last = total
         if step == 0:
             first = last
         if progress is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .load import InputSpec, forward_logits, model_device
+from .placement import images_per_pass
 
 
 @dataclass
@@ -24,41 +25,52 @@ class Verification:
         return {"ok": self.ok, "agreement": self.agreement, "problems": self.problems}
 
 
-def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, steps: int = 10, lr: float = 0.1) -> torch.Tensor:
+def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, steps: int = 10, lr: float = 0.1,
+                      chunk: int | None = None) -> torch.Tensor:
     """Inputs the *original* model assigns to each class in turn, with no data needed.
 
     Starting from smooth random images (low-resolution noise upsampled), a few signed
     gradient steps push each image towards its assigned class. Agreement on such inputs
     says whether the repair kept the decision regions, which plain noise (usually one
     class for everything) cannot tell.
+
+    Images are optimised in slices of ``chunk`` (default: what fits in
+    :data:`~otbr_hub.placement.PIXELS_PER_PASS`). The model is in eval mode and each image
+    only follows the sign of its own gradient, so slicing gives the same images.
     """
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
     low = torch.rand(n, spec.channels, max(2, spec.height // 4), max(2, spec.width // 4), generator=gen)
     x = F.interpolate(low, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
-    x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1).to(device)
-    y = (torch.arange(n) % spec.num_classes).to(device)
+    x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    y = torch.arange(n) % spec.num_classes
+    chunk = chunk or images_per_pass(spec.height, spec.width)
     was_training = model.training
     model.eval()
     params = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    out = []
     try:
-        for _ in range(steps):
-            x.requires_grad_(True)
-            loss = F.cross_entropy(forward_logits(model, spec.normalize(x)).float(), y)
-            (grad,) = torch.autograd.grad(loss, x)
-            x = (x.detach() - lr * grad.sign()).clamp(0, 1)
+        for i in range(0, n, chunk):
+            xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
+            for _ in range(steps):
+                xs.requires_grad_(True)
+                loss = F.cross_entropy(forward_logits(model, spec.normalize(xs)).float(), ys)
+                (grad,) = torch.autograd.grad(loss, xs)
+                xs = (xs.detach() - lr * grad.sign()).clamp(0, 1)
+            out.append(xs.detach())
     finally:
         for p, flag in zip(model.parameters(), params):
             p.requires_grad_(flag)
         model.train(was_training)
-    return x.detach()
+    return torch.cat(out) if out else x.to(device)
 
 
 @torch.no_grad()
 def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
     model.eval()
+    batch = min(batch, 4 * images_per_pass(spec.height, spec.width))  # no activations kept for backward
     device = model_device(model)
     out = [forward_logits(model, spec.normalize(x[i : i + batch].to(device))).argmax(-1).cpu() for i in range(0, len(x), batch)]
     return torch.cat(out)

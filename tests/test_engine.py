@@ -487,3 +487,48 @@ def test_repair_library_models_in_half_precision(arch, dtype):
     with torch.no_grad():
         y = res.model(pixel_values=x).logits if arch.startswith("hf") else res.model(x)
     assert y.dtype == dtype and torch.isfinite(y.float()).all()
+
+
+# --------------------------------------------------------------------------- memory slicing
+
+
+def test_unlearn_slices_sum_to_the_whole_batch():
+    """Slicing a step's batch (for memory) gives the unsliced update: exactly the same
+    weights in eval mode up to float rounding, and a close ranking in train mode, where only
+    BatchNorm's batch statistics come from the slice."""
+    model = small_cnn()
+    spec = from_model(model, input_size=(3, 8, 8)).spec
+    layers = select_layers(model, preset("default"))
+    whole, sliced = (
+        unlearn(model, spec, preset("default", unlearn_steps=3, unlearn_batch=12, unlearn_train_mode=False, unlearn_chunk=c)).model
+        for c in (None, 5)
+    )
+    for (name, a), (_, b) in zip(whole.named_parameters(), sliced.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    train_whole, train_sliced = (
+        neuron_weight_change(model, unlearn(model, spec, preset("default", unlearn_steps=3, unlearn_batch=12,
+                                                                 unlearn_chunk=c)).model, layers, preset("default"))
+        for c in (None, 6)
+    )
+    a = torch.cat([v.flatten() for v in train_whole.nwc.values()]).numpy()
+    b = torch.cat([v.flatten() for v in train_sliced.nwc.values()]).numpy()
+    assert not np.allclose(a, b)  # train mode really did see other batch statistics
+    assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_synthesized_inputs_do_not_depend_on_slicing():
+    from otbr_hub.verify import synthesize_inputs
+
+    model = small_cnn()
+    spec = from_model(model, input_size=(3, 8, 8)).spec
+    torch.testing.assert_close(synthesize_inputs(model, spec, 10, seed=3), synthesize_inputs(model, spec, 10, seed=3, chunk=3))
+
+
+def test_default_slices_keep_small_inputs_whole():
+    from otbr_hub.placement import images_per_pass
+
+    assert images_per_pass(32, 32) >= 256  # Fashion-MNIST scale: the paper's batch in one pass
+    assert images_per_pass(224, 224) == 32
+    assert preset("default", unlearn_chunk=None).unlearn_chunk is None
+    with pytest.raises(Exception, match="unlearn-chunk"):
+        preset("default", unlearn_chunk=0)
