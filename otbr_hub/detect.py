@@ -105,8 +105,8 @@ class DetectSettings:
     max_batch: int = 128
     """Most images per forward pass (memory grows with it); more classes than fit are optimised
     in consecutive chunks. Ten classes at the default inputs per class fit in one pass. Large
-    inputs are further capped by :data:`otbr_hub.placement.PIXELS_PER_PASS` (32 images at
-    224 px); starting images depend only on (seed, class), so chunking does not change results."""
+    inputs are further capped by :func:`otbr_hub.placement.images_per_pass` (a few images
+    at 224 px on a CPU); starting images depend only on (seed, class), so chunking does not change results."""
     alpha_backdoored: float = 0.01
     """p-value below which the verdict is 'backdoored'."""
     alpha_suspicious: float = 0.05
@@ -247,7 +247,7 @@ def _search(
     parameters and their ``.grad`` are never touched."""
     dtype = next(model.parameters()).dtype
     shape = (spec.channels, spec.height, spec.width)
-    per_chunk = max(1, min(max_batch, images_per_pass(spec.height, spec.width)) // n_inputs)
+    per_chunk = max(1, min(max_batch, images_per_pass(model, spec)) // n_inputs)
     best: dict[int, float] = {}
     for start in range(0, len(classes), per_chunk):
         chunk = classes[start : start + per_chunk]
@@ -465,7 +465,7 @@ def _trigger_search(
     area = float(h * w)
     with torch.no_grad():
         own = forward_logits(model, spec.normalize(backgrounds).to(dtype)).argmax(-1)
-    per_chunk = max(1, min(s.max_batch, images_per_pass(spec.height, spec.width)) // n_bg)
+    per_chunk = max(1, min(s.max_batch, images_per_pass(model, spec)) // n_bg)
     costs: dict[int, float] = {}
     rates: dict[int, float] = {}
     for start in range(0, len(classes), per_chunk):

@@ -185,8 +185,13 @@ def is_retryable(err: BaseException) -> bool:
     return _is_network(err)
 
 
-def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: str | None = None, writing: bool = False) -> OtbrError:
-    """Turn whatever the client raised into one line that says what to do next."""
+def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: str | None = None, writing: bool = False,
+              filename: str | None = None, attempts: int = 1) -> OtbrError:
+    """Turn whatever the client raised into one line that says what to do next.
+
+    ``filename`` names the file being downloaded (network failures then read as a broken
+    download, not as an unreachable Hub); ``attempts`` is how many times it was tried.
+    """
     from huggingface_hub.errors import (
         GatedRepoError,
         OfflineModeIsEnabled,
@@ -230,6 +235,11 @@ def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: st
         msg = f"the Hub is rate limiting requests{hint}; wait a few minutes and try again"
     elif status is not None and status >= 500:
         msg = f"the Hub answered HTTP {status} for {repo_id}; it may be down, try again later"
+    elif _is_network(err) and filename:
+        kind = type(next(e for e in kinds if _is_network(e))).__name__
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        msg = (f"network failure while downloading {filename} from {repo_id} ({kind}{tries}); "
+               "check the connection and run again (files already downloaded stay in the cache)")
     elif _is_network(err):
         msg = (f"cannot reach the Hub at {ctx.base_url} ({type(next(e for e in kinds if _is_network(e))).__name__}); "
                "check the connection, or set HF_HUB_OFFLINE=1 to use cached models")
@@ -248,23 +258,35 @@ def _hub_exceptions() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, httpx2.HTTPError, EntryNotFoundError)
 
 
-def call_hub(fn: Callable[[], T], ctx: HubContext, *, repo_id: str, revision: str | None = None, writing: bool = False) -> T:
+def call_hub(fn: Callable[[], T], ctx: HubContext, *, repo_id: str, revision: str | None = None, writing: bool = False,
+             filename: str | None = None) -> T:
     """Run one Hub call, retrying rate limits and network drops with backoff.
 
     ``Retry-After`` is honoured when the Hub sends it (up to :data:`MAX_RETRY_AFTER`);
-    otherwise :data:`RETRY_DELAYS` apply. Interrupted downloads restart from what is
-    already on disk, since huggingface_hub keeps ``.incomplete`` files and resumes them.
+    otherwise :data:`RETRY_DELAYS` apply.
+
+    Downloads: within one ``hf_hub_download`` call, huggingface_hub itself resumes a body
+    that ended early with a ``Range`` request from the last whole 10 MiB chunk it wrote
+    (up to 5 tries without progress). When that call still fails (those tries used up, or
+    a connection reset, which it does not resume), the retry here starts the file again:
+    huggingface_hub 2.x deletes its partial file, so there is nothing to resume across calls.
     """
     delays = list(RETRY_DELAYS)
+    attempts = 0
     while True:
+        attempts += 1
         try:
             return fn()
         except _hub_exceptions() as err:
+            def fail() -> OtbrError:
+                return hub_error(err, ctx, repo_id=repo_id, revision=revision, writing=writing, filename=filename,
+                                 attempts=attempts)
+
             if not delays or not is_retryable(err):
-                raise hub_error(err, ctx, repo_id=repo_id, revision=revision, writing=writing) from None
+                raise fail() from None
             wait = _retry_after(err)
             if wait is not None and wait > MAX_RETRY_AFTER:
-                raise hub_error(err, ctx, repo_id=repo_id, revision=revision, writing=writing) from None
+                raise fail() from None
             planned = delays.pop(0)
             delay = planned if wait is None else wait
             log.info("Hub request for %s failed (%s); retrying in %.0f s", repo_id, ctx.redact(_server_message(err)), delay)
@@ -334,6 +356,24 @@ def _pick_weights(repo_id: str, files: set[str]) -> str:
 # --------------------------------------------------------------------------- download
 
 
+class _ResumeNotes(logging.Filter):
+    """huggingface_hub warns on stderr, in two lines, each time it resumes or retries a
+    broken download. Those notes go to otbr-hub's log instead (one line, shown with -v),
+    so a resumed download is quiet and a failed one ends in a single error line."""
+
+    def __init__(self, ctx: HubContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Error while downloading from"):
+            return True
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        log.info("%s (%s)", self.ctx.redact(lines[0]), lines[-1] if len(lines) > 1 else "retrying")
+        return False
+
+
 def _download(ctx: HubContext, repo_id: str, sha: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
 
@@ -341,7 +381,13 @@ def _download(ctx: HubContext, repo_id: str, sha: str, filename: str) -> Path:
         return hf_hub_download(repo_id, filename, revision=sha, cache_dir=ctx.cache_dir, token=ctx.token,
                                endpoint=ctx.endpoint)
 
-    return Path(call_hub(get, ctx, repo_id=repo_id, revision=sha))
+    notes = _ResumeNotes(ctx)
+    hf_log = logging.getLogger("huggingface_hub.file_download")
+    hf_log.addFilter(notes)
+    try:
+        return Path(call_hub(get, ctx, repo_id=repo_id, revision=sha, filename=filename))
+    finally:
+        hf_log.removeFilter(notes)
 
 
 def _read_json(path: Path, repo_id: str) -> dict[str, Any]:

@@ -3,9 +3,15 @@ gives each process its own GPU; OT solves always stay on the CPU in float64."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+from torch import nn
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .load import InputSpec
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -27,15 +33,57 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-PIXELS_PER_PASS = 32 * 224 * 224
-"""Most input pixels (images x height x width) sent through a model in one pass.
 
-Activation memory grows with pixels, not with images: resnet50 in train mode needs about
-120 MB per 224 px image, so the paper's 256-image unlearning batch would need about 30 GB.
-32 images at 224 px keep a pass near 4 GB; at Fashion-MNIST's 32 px the whole batch of 256
-fits, so small models run exactly as before."""
+CPU_ACTIVATION_BUDGET = 512 * 2**20
+"""Bytes of activations one pass may hold on a CPU. Torch and the model copies already take
+about 1 GB of RSS, so this keeps resnet50 at 224 px near 2 GB in all."""
+
+GPU_ACTIVATION_SHARE = 0.25
+"""Share of the GPU's free memory (at the first pass) that one pass may hold."""
 
 
-def images_per_pass(height: int, width: int, max_pixels: int = PIXELS_PER_PASS) -> int:
-    """How many images of this size fit in one pass under ``max_pixels``."""
-    return max(1, max_pixels // max(1, height * width))
+def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | None = None) -> int:
+    """Bytes of layer outputs one image produces: a forward pass of two images with a hook
+    on every leaf module. Backward keeps about this much per image (saved outputs and the
+    gradients flowing back), so it sizes the slices that bound memory."""
+    from .load import forward_logits, model_device
+
+    total = 0
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        nonlocal total
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    h, w = (side, side) if side else (spec.height, spec.width)
+    flags = [m.training for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            x = torch.zeros(2, spec.channels, h, w, dtype=next(model.parameters()).dtype, device=model_device(model))
+            forward_logits(model, x)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for m, flag in zip(model.modules(), flags):
+            m.training = flag
+    return max(1, total // 2)
+
+
+def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None, budget: int | None = None) -> int:
+    """How many images fit in one forward/backward pass under the activation budget: the
+    CPU's fixed budget, or a share of the GPU's free memory. Small models (Fashion-MNIST
+    scale) fit the paper's 256-image batch whole; resnet50 at 224 px takes a few images."""
+    from .load import model_device
+
+    if budget is None:
+        device = model_device(model)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * GPU_ACTIVATION_SHARE)
+        else:
+            budget = CPU_ACTIVATION_BUDGET
+    return max(1, int(budget // activation_bytes_per_image(model, spec, side)))

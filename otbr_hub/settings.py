@@ -40,7 +40,7 @@ class RepairSettings:
     unlearn_train_mode: bool = _opt(True, "run unlearning with the model in train mode (BatchNorm uses batch statistics)")
     unlearn_chunk: int | None = _opt(
         None, "most noise images per forward/backward pass; a step's gradients are summed over its slices "
-        "(default: as many as fit in about 1.6 million pixels, i.e. 32 at 224 px, the whole batch at 32 px)"
+        "(default: as many as fit in the activation budget: the whole batch for small models, a few images for resnet50 at 224 px on a CPU)"
     )
     # which neurons count
     layer_types: str = _opt("conv,linear", "comma list of layer kinds to score: conv, linear")

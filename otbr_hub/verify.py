@@ -35,7 +35,7 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
     class for everything) cannot tell.
 
     Images are optimised in slices of ``chunk`` (default: what fits in
-    :data:`~otbr_hub.placement.PIXELS_PER_PASS`). The model is in eval mode and each image
+    :func:`~otbr_hub.placement.images_per_pass`). The model is in eval mode and each image
     only follows the sign of its own gradient, so slicing gives the same images.
     """
     device = model_device(model)
@@ -44,7 +44,7 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
     x = F.interpolate(low, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
     x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
     y = torch.arange(n) % spec.num_classes
-    chunk = chunk or images_per_pass(spec.height, spec.width)
+    chunk = chunk or images_per_pass(model, spec)
     was_training = model.training
     model.eval()
     params = [p.requires_grad for p in model.parameters()]
@@ -70,7 +70,7 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
 @torch.no_grad()
 def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
     model.eval()
-    batch = min(batch, 4 * images_per_pass(spec.height, spec.width))  # no activations kept for backward
+    batch = min(batch, 4 * images_per_pass(model, spec))  # no activations kept for backward
     device = model_device(model)
     out = [forward_logits(model, spec.normalize(x[i : i + batch].to(device))).argmax(-1).cpu() for i in range(0, len(x), batch)]
     return torch.cat(out)

@@ -42,6 +42,11 @@ Behaviour worth knowing
   retries 429 on some endpoints (``list_models``, preupload, LFS) after ``Retry-After + 1`` seconds, but
   not on ``model_info``/``create_commit``. ``hf_hub_download`` serves a cached copy when its HEAD call fails,
   and retries the HEAD with backoff when nothing is cached.
+* ``drop_connection(after_bytes, times=1)`` cuts the next file downloads after ``after_bytes`` bytes of the
+  body (socket shut down, or reset with ``reset=True``), for tests of interrupted downloads. The client
+  (``http_get``) resumes with a ``Range`` request only after a body that ends early (not after a reset), and
+  only from whole 10 MiB chunks it has written: cut a file above 10 MiB after more than 10 MiB to see one.
+  ``RequestRecord.range`` and ``RequestRecord.dropped_after`` show what happened.
 * ``create_repo`` makes an initial commit holding ``.gitattributes`` (as the Hub does); ``add_repo`` seeds
   exactly the files given.
 * Not implemented: datasets/spaces, Xet, pagination (everything fits one page), ``expand`` on the tree
@@ -58,6 +63,7 @@ import os
 import re
 import secrets
 import socket
+import struct
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -246,6 +252,8 @@ class RequestRecord:
     user: str | None
     sent_authorization: bool
     status: int = 0
+    range: str | None = None  # the ``Range`` header, when one was sent
+    dropped_after: int | None = None  # body bytes sent before the connection was cut (``drop_connection``)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,6 +288,18 @@ class _Response:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    drop_after: int | None = None  # fault injection: send this many body bytes, then cut the connection
+    reset: bool = False  # ... with a TCP reset instead of a plain close
+
+
+@dataclass
+class _Fault:
+    """A pending ``drop_connection``: which downloads to cut, after how many bytes, how many more times."""
+
+    after_bytes: int
+    remaining: int
+    path_contains: str | None
+    reset: bool
 
 
 def _json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> _Response:
@@ -362,8 +382,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(response.body)))
             self.end_headers()
-            if method != "HEAD":
+            if method == "HEAD":
+                return
+            if response.drop_after is None:
                 self.wfile.write(response.body)
+                return
+            # Fault injection: part of the body, then the connection goes away mid-transfer.
+            self.wfile.write(response.body[: response.drop_after])
+            self.wfile.flush()
+            self.close_connection = True
+            if response.reset:  # RST instead of FIN: the client sees "connection reset by peer"
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
@@ -468,6 +500,7 @@ class HubServer:
             }
             self._pending_uploads: dict[str, tuple[str, str, int]] = {}
             self._rate_limit: tuple[int, int, str | None] = (0, 0, None)
+            self._faults: list[_Fault] = []
             self._counter = itertools.count(1)
             self.requests: list[RequestRecord] = []
 
@@ -565,6 +598,19 @@ class HubServer:
         with self._lock:
             self._rate_limit = (count, retry_after, path_contains)
 
+    def drop_connection(
+        self, after_bytes: int, *, times: int = 1, path_contains: str | None = None, reset: bool = False
+    ) -> None:
+        """Cut the next ``times`` file downloads (GET ``/resolve/``, decoded path containing ``path_contains``)
+        after ``after_bytes`` bytes of the body; ``Content-Length`` still announces the whole file.
+
+        The socket is shut down (the client sees the body end early) or, with ``reset=True``, reset. A call
+        replaces earlier pending faults; ``drop_connection(0, times=0)`` clears them. Cut requests are
+        recorded with ``RequestRecord.dropped_after``.
+        """
+        with self._lock:
+            self._faults = [_Fault(after_bytes, times, path_contains, reset)] if times > 0 else []
+
     def repo(self, repo_id: str) -> Repo:
         """The live ``Repo`` object (raises ``KeyError``); read it, don't mutate it from other threads."""
         with self._lock:
@@ -657,11 +703,26 @@ class HubServer:
                 request.query,
                 None,
                 request.headers.get("Authorization") is not None,
+                range=request.headers.get("Range"),
             )
             self.requests.append(record)
             response = self._dispatch_locked(request, decoded_path, record)
             record.status = response.status
+            self._inject_fault(request, decoded_path, record, response)
             return response
+
+    def _inject_fault(self, request: _Request, decoded_path: str, record: RequestRecord, response: _Response) -> None:
+        """Mark a successful file download for ``drop_connection``'s cut (the handler does the cutting)."""
+        if request.method != "GET" or "/resolve/" not in decoded_path or response.status not in (200, 206):
+            return
+        for fault in self._faults:
+            if fault.remaining > 0 and (fault.path_contains is None or fault.path_contains in decoded_path):
+                if fault.after_bytes >= len(response.body):
+                    return  # nothing left to cut: the body goes out whole
+                fault.remaining -= 1
+                response.drop_after, response.reset = fault.after_bytes, fault.reset
+                record.dropped_after = fault.after_bytes
+                return
 
     def _dispatch_locked(self, request: _Request, decoded_path: str, record: RequestRecord) -> _Response:
         remaining, retry_after, path_filter = self._rate_limit

@@ -524,11 +524,17 @@ def test_synthesized_inputs_do_not_depend_on_slicing():
     torch.testing.assert_close(synthesize_inputs(model, spec, 10, seed=3), synthesize_inputs(model, spec, 10, seed=3, chunk=3))
 
 
-def test_default_slices_keep_small_inputs_whole():
-    from otbr_hub.placement import images_per_pass
+def test_default_slices_follow_the_activation_budget():
+    from otbr_hub.placement import activation_bytes_per_image, images_per_pass
 
-    assert images_per_pass(32, 32) >= 256  # Fashion-MNIST scale: the paper's batch in one pass
-    assert images_per_pass(224, 224) == 32
-    assert preset("default", unlearn_chunk=None).unlearn_chunk is None
+    model = small_cnn()
+    spec = from_model(model, input_size=(3, 32, 32)).spec
+    per_image = activation_bytes_per_image(model, spec)
+    # every leaf's output of one 32x32 image: conv/bn/relu maps, pooled and linear outputs
+    assert per_image >= 4 * 32 * 32 * (4 + 4 + 6 + 6)
+    assert images_per_pass(model, spec) >= 256  # small models: the paper's batch in one pass
+    assert images_per_pass(model, spec, budget=10 * per_image) == 10
+    assert images_per_pass(model, spec, budget=1) == 1
+    assert activation_bytes_per_image(model, spec, side=16) < per_image
     with pytest.raises(Exception, match="unlearn-chunk"):
         preset("default", unlearn_chunk=0)

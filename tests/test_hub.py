@@ -8,17 +8,22 @@ subprocess because those libraries fix the endpoint when huggingface_hub is impo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from huggingface_hub import CommitOperationAdd, ModelCard
+from huggingface_hub import CommitOperationAdd, ModelCard, hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load as load_safetensors
 
 import otbr_hub
@@ -204,6 +209,7 @@ def test_push_and_reload_with_plain_transformers_and_timm(hub_server: HubServer,
         text = b"".join(files.values())
         assert token.encode() not in text
     assert "preprocessor_config.json" in hub_server.files("alice/vit-otbr")
+    assert not hub_server.repo("alice/vit-otbr").private and not hub_server.repo("alice/resnet-clean").private
 
     card = ModelCard(hub_server.files("alice/vit-otbr")["README.md"].decode())
     assert card.data.base_model == "alice/vit" and card.data.base_model_relation == "finetune"
@@ -288,6 +294,162 @@ def test_pull_request_is_courteous_and_opened_once(hub_server: HubServer, tmp_pa
     code, out, err = cli(["repair", "alice/resnet", "--pr", *FAST], capsys)
     assert code == 0, err
     assert url in out and len(hub_server.discussions("alice/resnet")) == 1  # no second PR for this commit
+
+
+_PRIVATE_RELOAD = """
+import json, os, sys, timm
+
+try:
+    timm.create_model("hf-hub:" + sys.argv[1], pretrained=True)
+    anonymous = "loaded"
+except Exception as err:
+    anonymous = type(err).__name__
+os.environ["HF_TOKEN"] = os.environ.pop("RELOAD_TOKEN")
+model = timm.create_model("hf-hub:" + sys.argv[1], pretrained=True).eval()
+total = float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
+print(json.dumps({"anonymous": anonymous, "with_token": [type(model).__name__, total]}))
+"""
+
+
+def test_push_private_repo_is_hidden_without_a_token(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    tokens = hub_server.tokens
+    seed_timm(hub_server, tmp_path)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=tokens.write)
+    code, out, err = cli(["repair", "alice/resnet", "--push", "--private", "--repo-id", "resnet-private", *FAST], capsys)
+    assert code == 0, err
+    assert tokens.write not in out + err
+    (create,) = [r for r in hub_server.requests if r.path == "/api/repos/create"]
+    assert create.status == 200 and create.user == "alice"
+    assert hub_server.repo("alice/resnet-private").private  # the flag create_repo sent was recorded
+    pushed = hub_server.files("alice/resnet-private")
+    assert {"README.md", "otbr_report.json", "config.json", "model.safetensors"} <= pushed.keys()
+    assert len(hub_server.commits("alice/resnet-private")) == 2
+
+    # Like the Hub: a private repo does not exist for anyone but its namespace (401 anonymous, 404 signed in).
+    with pytest.raises(RepositoryNotFoundError) as anon:
+        hub_server.api(False).model_info("alice/resnet-private")
+    assert anon.value.response.status_code == 401
+    with pytest.raises(RepositoryNotFoundError) as other:
+        hub_server.api(tokens.other).model_info("alice/resnet-private")
+    assert other.value.response.status_code == 404
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download("alice/resnet-private", "model.safetensors", cache_dir=tmp_path / "anon-cache",
+                        endpoint=hub_server.endpoint, token=False)
+    assert "alice/resnet-private" not in {m.id for m in hub_server.api(False).list_models(author="alice")}
+
+    # otbr-hub's own fetch path: a one-line hint without a token, the pushed weights with one.
+    use_hub(monkeypatch, hub_server, tmp_path / "cache-anon")
+    with pytest.raises(HubError, match="if it is private, set HF_TOKEN") as missing:
+        load_source("alice/resnet-private")
+    assert len(str(missing.value).splitlines()) == 1
+    use_hub(monkeypatch, hub_server, tmp_path / "cache-read", token=tokens.read)
+    loaded = load_source("alice/resnet-private")
+    assert loaded.revision == hub_server.head("alice/resnet-private")
+    pushed_total = checksum(load_safetensors(pushed["model.safetensors"]))
+    assert checksum(loaded.model.state_dict()) == pytest.approx(pushed_total)
+
+    # Plain timm, as a user of the private repo would load it.
+    env = {**{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_CACHE")}, **hub_server.env,
+           "RELOAD_TOKEN": tokens.read}
+    proc = subprocess.run([sys.executable, "-c", _PRIVATE_RELOAD, "alice/resnet-private"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["anonymous"] == "RepositoryNotFoundError"
+    assert got["with_token"][0] == "ResNet" and got["with_token"][1] == pytest.approx(pushed_total)
+
+
+# ----- interrupted downloads ----------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def seed_big_timm(hub: HubServer, tmp: Path, repo: str = "alice/big") -> tuple[str, bytes]:
+    """A timm repo whose ``model.safetensors`` is above 10 MiB (one full download chunk of huggingface_hub)
+    and still cheap to repair: a wide last stage on 1x1 feature maps."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=(8, 16, 32, 576), stem_width=8, in_chans=1,
+                              num_classes=10).eval()
+    folder = save_model(from_model(model, input_size=(1, 28, 28), mean=(0.286,), std=(0.353,)), model, tmp / "seed-big")
+    weights = (folder / "model.safetensors").read_bytes()
+    assert len(weights) > 11 * MiB + 64 * 1024
+    sha = hub.add_repo(repo, files_of(folder), library_name="timm", pipeline_tag="image-classification")
+    return sha, weights
+
+
+def weight_gets(hub: HubServer) -> list[tuple[int, str | None, int | None]]:
+    """(status, Range header, bytes sent before the cut) of each GET of the weights."""
+    return [(r.status, r.range, r.dropped_after) for r in hub.requests
+            if r.method == "GET" and r.path.endswith("/model.safetensors")]
+
+
+def test_dropped_download_resumes_with_a_range_request(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys,
+                                                       caplog) -> None:
+    sha, weights = seed_big_timm(hub_server, tmp_path)
+    token = hub_server.tokens.read
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=token)
+    hub_server.drop_connection(11 * MiB, path_contains="model.safetensors")  # once: the first GET of the weights
+    caplog.set_level(logging.INFO, logger="otbr_hub")
+
+    code, out, err = cli(["repair", "alice/big", "-o", str(tmp_path / "out"), *FAST], capsys)
+    assert code == 0, err
+    # The body ended after 11 MiB; huggingface_hub kept the whole 10 MiB chunk and asked for the rest.
+    assert weight_gets(hub_server) == [(200, None, 11 * MiB), (206, f"bytes={10 * MiB}-", None)]
+    cached = tmp_path / "cache" / "models--alice--big" / "snapshots" / sha / "model.safetensors"
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == hashlib.sha256(weights).hexdigest()
+    assert not list((tmp_path / "cache").rglob("*.incomplete"))
+    report = json.loads((tmp_path / "out" / "otbr_report.json").read_text())
+    assert report["source"] == "alice/big" and report["revision"] == sha
+    # The client's two-line warning became one otbr-hub log line (shown with -v), not terminal noise.
+    notes = [r for r in caplog.records if r.name == "otbr_hub" and "Trying to resume download" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0].getMessage()
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert "Traceback" not in err and token not in out + err + caplog.text
+
+
+def test_reset_connection_mid_download_starts_the_file_again(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    sha, weights = seed_big_timm(hub_server, tmp_path)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    hub_server.drop_connection(11 * MiB, path_contains="model.safetensors", reset=True)
+    loaded = load_source("alice/big")
+    # huggingface_hub does not resume after a reset (and deletes its partial file): otbr-hub's retry
+    # downloads the file again, whole.
+    assert weight_gets(hub_server) == [(200, None, 11 * MiB), (200, None, None)]
+    assert loaded.revision == sha
+    assert hashlib.sha256((loaded.folder / "model.safetensors").read_bytes()).hexdigest() == hashlib.sha256(weights).hexdigest()
+    assert checksum(loaded.model.state_dict()) == pytest.approx(checksum(load_safetensors(weights)))
+
+
+def test_download_that_keeps_breaking_is_one_line_network_failure(hub_server: HubServer, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    seed_timm(hub_server, tmp_path)
+    token = hub_server.tokens.read
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=token)
+    monkeypatch.setattr(fetch, "RETRY_DELAYS", (0.0,))  # one retry by otbr-hub (each call costs the client ~5 s)
+    hub_server.drop_connection(1000, times=1000, path_contains="model.safetensors")
+
+    code, out, err = cli(["repair", "alice/resnet", "-o", str(tmp_path / "out"), *FAST], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "network failure while downloading model.safetensors from alice/resnet" in lines[0]
+    assert "RemoteProtocolError after 2 attempts" in lines[0] and "run again" in lines[0]
+    assert "Traceback" not in err and token not in out + err
+    # Each of the 2 hf_hub_download calls tried 6 times (5 resumes without progress), every body cut.
+    gets = weight_gets(hub_server)
+    assert len(gets) == 12 and all(g == (200, None, 1000) for g in gets)
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "cache").rglob("*.incomplete"))
+
+
+def test_rate_limit_waits_for_retry_after(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
+    sha = seed_timm(hub_server, tmp_path)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    hub_server.rate_limit(1, retry_after=1)
+    start = time.monotonic()
+    assert load_source("alice/resnet").revision == sha
+    assert time.monotonic() - start >= 1.0  # the Hub's Retry-After, not the (zeroed) default delay
+    first, second = [r for r in hub_server.requests if r.path == "/api/models/alice/resnet"][:2]
+    assert (first.status, second.status) == (429, 200)
 
 
 # ----- errors -------------------------------------------------------------------------------------------------
