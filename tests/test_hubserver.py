@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import json
 import os
 import subprocess
@@ -379,6 +380,42 @@ def test_list_models_retries_after_429(hub_server: HubServer) -> None:
     hub_server.rate_limit(1, retry_after=0)  # the client waits Retry-After + 1 s, then retries
     assert [m.id for m in hub_server.api(False).list_models(author="alice")] == ["alice/tiny"]
     assert [r.status for r in hub_server.requests if r.path == "/api/models"] == [429, 200]
+
+
+def test_drop_connection_cuts_downloads_and_the_client_resumes(hub_server: HubServer, tmp_path: Path) -> None:
+    big = os.urandom(12 * 1024 * 1024)  # above one 10 MiB download chunk of the client
+    hub_server.add_repo("alice/big", {"model.safetensors": big, "config.json": CONFIG})
+    url = f"{hub_server.endpoint}/alice/big/resolve/main/model.safetensors"
+
+    # The cut: headers announce the whole file, the body stops short, then the connection is closed or reset.
+    hub_server.drop_connection(1000, times=2, path_contains="model.safetensors")
+    for _ in range(2):
+        with urllib.request.urlopen(url) as response:
+            assert response.headers["Content-Length"] == str(len(big))
+            with pytest.raises(http.client.IncompleteRead) as cut:
+                response.read()
+            assert cut.value.partial == big[:1000]
+    with urllib.request.urlopen(url) as response:  # the two cuts are used up
+        assert response.read() == big
+    hub_server.drop_connection(1000, reset=True)
+    with pytest.raises(ConnectionResetError):
+        with urllib.request.urlopen(url) as response:
+            response.read()
+    hub_server.drop_connection(0, times=0)  # clears pending faults
+    with urllib.request.urlopen(url) as response:
+        assert response.read() == big
+    hub_server.requests.clear()
+
+    # Only downloads are cut (not HEAD, not API calls); the real client resumes from its last whole chunk.
+    hub_server.drop_connection(11 * 1024 * 1024)
+    assert hub_server.api(False).model_info("alice/big").sha
+    path = hf_hub_download("alice/big", "config.json", cache_dir=tmp_path, endpoint=hub_server.endpoint, token=False)
+    assert Path(path).read_text() == CONFIG  # smaller than the cut: sent whole, the fault stays pending
+    path = hf_hub_download("alice/big", "model.safetensors", cache_dir=tmp_path, endpoint=hub_server.endpoint, token=False)
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == hashlib.sha256(big).hexdigest()
+    gets = [(r.status, r.range, r.dropped_after) for r in hub_server.requests
+            if r.method == "GET" and r.path.endswith("model.safetensors")]
+    assert gets == [(200, None, 11 * 1024 * 1024), (206, f"bytes={10 * 1024 * 1024}-", None)]
 
 
 # ----- library code via HF_ENDPOINT ---------------------------------------------------------------------------
