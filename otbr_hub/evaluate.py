@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .load import InputSpec, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device
 from .triggers import Trigger
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -96,9 +96,7 @@ def evaluate(
     x, y = _as_tensors(dataset_or_tensors, spec, limit)
     if trigger is not None and trigger.target >= spec.num_classes:
         raise UsageError(f"trigger target {trigger.target} is not a class of this {spec.num_classes}-class model")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         clean_pred = predict(model, spec, x, batch_size)
         acc = 100.0 * (clean_pred == y).float().mean().item() if y.numel() else 0.0
         if trigger is None:
@@ -109,8 +107,6 @@ def evaluate(
         for start in range(0, x_bd.shape[0], batch_size):
             preds.append(predict(model, spec, trigger.apply(x_bd[start : start + batch_size]), batch_size))
         bd_pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    finally:
-        model.train(was_training)
     n_bd = int(y_bd.numel())
     asr = 100.0 * (bd_pred == trigger.target).float().mean().item() if n_bd else 0.0
     ra = 100.0 * (bd_pred == y_bd).float().mean().item() if n_bd else 0.0

@@ -6,10 +6,12 @@ module is the only place that knows how the two supported libraries lay out a fo
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -179,12 +181,21 @@ def input_spec(
     )
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block; afterwards every submodule's own train/eval flag
+    is back as it was (``model.train(was_training)`` would flatten a mixed state)."""
+    flags = [m.training for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, flag in zip(model.modules(), flags):
+            m.training = flag
+
+
 def _infer_num_classes(model: nn.Module, c: int, h: int, w: int) -> int:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = forward_logits(model, torch.zeros(1, c, h, w, dtype=next(model.parameters()).dtype))
-    model.train(was_training)
     return int(out.shape[-1])
 
 

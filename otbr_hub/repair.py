@@ -3,11 +3,13 @@ stage modules. :func:`repair` is the public entry point for models and folders."
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from . import __version__
 from .errors import OtbrError, UnsupportedModelError
 from .fuse import FuseResult, fuse
 from .layers import Layer, select_layers
-from .load import LoadedModel, from_model, load_folder
+from .load import LoadedModel, eval_mode, from_model, load_folder
 from .placement import resolve_device
 from .progress import Progress
 from .prune import PruneResult, prune
@@ -157,55 +159,56 @@ def repair(
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
 
-    work = copy.deepcopy(loaded.model).float().to(device).eval()
-    layers = select_layers(work, settings)
-    with t("unlearn"):
-        un = unlearn(work, spec, settings, device, progress=progress)
-    with t("score"):
-        scores = neuron_weight_change(work, un.model, layers, settings)
-    losses = {"first_loss": un.first_loss, "last_loss": un.last_loss}
-    del un
+    with _working_model(loaded.model, device) as work:
+        layers = select_layers(work, settings)
+        with t("unlearn"):
+            un = unlearn(work, spec, settings, device, progress=progress)
+        with t("score"):
+            scores = neuron_weight_change(work, un.model, layers, settings)
+        losses = {"first_loss": un.first_loss, "last_loss": un.last_loss}
+        del un
 
-    def build(ratio: float) -> nn.Module:
-        with t("prune"):
-            pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
-        with t("fuse"):
-            fr = build_repaired(work, pr, layers, scores, settings, progress=progress)
-        fr.model._otbr_prune, fr.model._otbr_fuse = pr, fr  # kept for the report
-        return fr.model
+        def build(ratio: float) -> nn.Module:
+            with t("prune"):
+                pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
+            with t("fuse"):
+                fr = build_repaired(work, pr, layers, scores, settings, progress=progress)
+            # the report needs which neurons were pruned, not the pruned copy: let it go
+            fr.model._otbr_prune, fr.model._otbr_fuse = dataclasses.replace(pr, model=None), fr
+            return fr.model
 
-    with t("verify"):
-        probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed)
-    scan_before = scan_after = None
-    if settings.prune_ratio == "auto":
-        det_fn, flagged = _detector(detector, work, spec, settings, t)
-        scan_before = _last_scan(det_fn)
-        with t("choose_ratio"):
-            choice, fused_model = choose_ratio(
-                settings.grid(),
-                build,
-                lambda m: agreement(work, m, spec, probe),
-                settings.min_agreement,
-                settings.fallback_ratio,
-                detector=det_fn,
-                original_flagged=flagged,
-            )
-    else:
-        fused_model = build(float(settings.prune_ratio))
-        choice = RatioChoice(float(settings.prune_ratio), "given explicitly")
-    pr: PruneResult = fused_model._otbr_prune
-    fr: FuseResult = fused_model._otbr_fuse
-    del fused_model._otbr_prune, fused_model._otbr_fuse
+        with t("verify"):
+            probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed)
+        scan_before = scan_after = None
+        if settings.prune_ratio == "auto":
+            det_fn, flagged = _detector(detector, work, spec, settings, t)
+            scan_before = _last_scan(det_fn)
+            with t("choose_ratio"):
+                choice, fused_model = choose_ratio(
+                    settings.grid(),
+                    build,
+                    lambda m: agreement(work, m, spec, probe),
+                    settings.min_agreement,
+                    settings.fallback_ratio,
+                    detector=det_fn,
+                    original_flagged=flagged,
+                )
+        else:
+            fused_model = build(float(settings.prune_ratio))
+            choice = RatioChoice(float(settings.prune_ratio), "given explicitly")
+        pr: PruneResult = fused_model._otbr_prune
+        fr: FuseResult = fused_model._otbr_fuse
+        del fused_model._otbr_prune, fused_model._otbr_fuse
 
-    if settings.prune_ratio == "auto" and det_fn is not None:
-        with t("detect"):
-            det_fn(fused_model)
-        scan_after = _last_scan(det_fn)
+        if settings.prune_ratio == "auto" and det_fn is not None:
+            with t("detect"):
+                det_fn(fused_model)
+            scan_after = _last_scan(det_fn)
 
-    with t("verify"):
-        check: Verification = verify(work, fused_model, spec, inputs=probe)
-    if not check.ok:
-        raise OtbrError(f"the repaired model failed verification: {'; '.join(check.problems)}")
+        with t("verify"):
+            check: Verification = verify(work, fused_model, spec, inputs=probe)
+        if not check.ok:
+            raise OtbrError(f"the repaired model failed verification: {'; '.join(check.problems)}")
 
     out = _same_kind(loaded.model, fused_model, loaded.dtype)
     report = RepairReport(
@@ -241,6 +244,20 @@ def repair(
 
         publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
     return result
+
+
+@contextlib.contextmanager
+def _working_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The fp32 model on ``device`` that every stage reads (none writes to it: unlearning,
+    pruning and fusion work on their own copies). A model that is already fp32 on that
+    device is used as it is, saving one copy of the weights (100 MB for resnet50); only its
+    train/eval flags change, and they are put back on the way out, error or not."""
+    params = list(model.parameters())
+    if not params or any(p.dtype != torch.float32 or p.device != device for p in params):
+        yield copy.deepcopy(model).float().to(device).eval()
+        return
+    with eval_mode(model):
+        yield model
 
 
 def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSettings, t: _Timer):

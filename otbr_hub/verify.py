@@ -3,13 +3,15 @@ mostly agrees with the original on inputs synthesised from the original itself."
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .load import InputSpec, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device
 from .placement import images_per_pass
 
 
@@ -45,13 +47,8 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
     x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
     y = torch.arange(n) % spec.num_classes
     chunk = chunk or images_per_pass(model, spec)
-    was_training = model.training
-    model.eval()
-    params = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     out = []
-    try:
+    with eval_mode(model), _frozen(model):
         for i in range(0, n, chunk):
             xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
             for _ in range(steps):
@@ -60,19 +57,29 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
                 (grad,) = torch.autograd.grad(loss, xs)
                 xs = (xs.detach() - lr * grad.sign()).clamp(0, 1)
             out.append(xs.detach())
-    finally:
-        for p, flag in zip(model.parameters(), params):
-            p.requires_grad_(flag)
-        model.train(was_training)
     return torch.cat(out) if out else x.to(device)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter gradients for the block (only the inputs are optimised)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()
 def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    model.eval()
     batch = min(batch, 4 * images_per_pass(model, spec))  # no activations kept for backward
     device = model_device(model)
-    out = [forward_logits(model, spec.normalize(x[i : i + batch].to(device))).argmax(-1).cpu() for i in range(0, len(x), batch)]
+    with eval_mode(model):
+        out = [forward_logits(model, spec.normalize(x[i : i + batch].to(device))).argmax(-1).cpu()
+               for i in range(0, len(x), batch)]
     return torch.cat(out)
 
 

@@ -538,3 +538,19 @@ def test_default_slices_follow_the_activation_budget():
     assert activation_bytes_per_image(model, spec, side=16) < per_image
     with pytest.raises(Exception, match="unlearn-chunk"):
         preset("default", unlearn_chunk=0)
+
+
+@pytest.mark.parametrize("ratio", [0.2, "auto"])
+def test_repair_of_an_fp32_model_leaves_its_weights_and_modes_alone(ratio):
+    """An fp32 model on the repair's device is read in place (no working copy): its
+    weights, buffers and each submodule's train/eval flag are as they were afterwards."""
+    model = small_cnn()
+    model.train()
+    model.bn2.eval()  # a mixed state that a plain .train()/.eval() could not restore
+    before = copy.deepcopy(model.state_dict())
+    flags = [m.training for m in model.modules()]
+    res = repair(model, input_size=(3, 8, 8), prune_ratio=ratio, **FAST)
+    assert [m.training for m in model.modules()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert res.model is not model and res.report.neurons_pruned >= 1
