@@ -34,9 +34,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 
-CPU_ACTIVATION_BUDGET = 512 * 2**20
-"""Bytes of activations one pass may hold on a CPU. Torch and the model copies already take
-about 1 GB of RSS, so this keeps resnet50 at 224 px near 2 GB in all."""
+CPU_ACTIVATION_BUDGET = 256 * 2**20
+"""Bytes of layer outputs one pass may hold on a CPU. Importing torch alone takes about
+0.7 GB of RSS and a repair holds up to three copies of the weights, so this keeps resnet50 at
+224 px (one or two images a pass) under 3 x its fp32 weights + 1.5 GB; measured in
+``benchmarks/SPEED_NOTES.md``. CPUs lose little throughput on small batches."""
 
 GPU_ACTIVATION_SHARE = 0.25
 """Share of the GPU's free memory (at the first pass) that one pass may hold."""
