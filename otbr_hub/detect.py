@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from .evidence import WeightEvidence, combine, weight_evidence
 from .load import InputSpec, forward_logits, model_device
 from .placement import images_per_pass
 from .verify import synthesize_inputs
@@ -129,6 +130,11 @@ class DetectSettings:
     """'trigger': floor on the robust spread of the log mask sizes. Another seed moved a class's
     log size by a median of 0.14 and a mean of 0.32 (heavy-tailed: a seed sometimes finds a
     shortcut the other misses), so smaller spreads are treated as search noise."""
+    weight_evidence: bool = True
+    """Also test the BatchNorm-moment evidence of :mod:`otbr_hub.evidence` (one forward pass
+    of noise, no data, about a second) and flag when either test is significant at half the
+    level: p = min(1, 2 * min(p_first, p_weights)) (Bonferroni). Models without BatchNorm are
+    judged by the first test alone, exactly as without this option."""
 
     def __post_init__(self) -> None:
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 1:
@@ -150,7 +156,8 @@ class DetectSettings:
     def published(cls, **overrides: Any) -> DetectSettings:
         """MM-BD as published: 30 inputs per class, 300 steps, Gamma null, p < 0.05 flags."""
         base: dict[str, Any] = dict(
-            inputs_per_class=30, steps=300, method="mmbd", alpha_backdoored=0.05, alpha_suspicious=0.05
+            inputs_per_class=30, steps=300, method="mmbd", alpha_backdoored=0.05, alpha_suspicious=0.05,
+            weight_evidence=False,
         )
         base.update(overrides)
         return cls(**base)
@@ -202,6 +209,12 @@ class Detection:
     seconds: float
     screen_statistics: list[float] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    p_first: float | None = None
+    """p-value of the margin (or trigger) test alone, before combining with the weight evidence."""
+    weight_evidence: dict[str, Any] | None = None
+    """:class:`otbr_hub.evidence.WeightEvidence` as a dict, when it was computed."""
+    decided_by: str = "margins"
+    """Which test set the p-value: 'margins', 'triggers' or 'weights'."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (class keys as strings)."""
@@ -585,7 +598,20 @@ def detect(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = 
     t0 = time.perf_counter()
     if s.method == "trigger":
         det = decide_trigger(universal_trigger(model, spec, s), s)
+        det.decided_by = "triggers"
     else:
         det = decide(max_margin(model, spec, s), s)
+    if s.weight_evidence:
+        _add_weight_evidence(det, weight_evidence(model, spec, seed=s.seed), s)
     det.seconds = time.perf_counter() - t0
     return det
+
+
+def _add_weight_evidence(det: Detection, ev: WeightEvidence, s: DetectSettings) -> None:
+    """Fold the weight evidence into the verdict (see :func:`otbr_hub.evidence.combine`)."""
+    det.p_first = det.p_value
+    det.weight_evidence = ev.to_dict()
+    c = combine(det.p_value, det.top_class, ev, first=det.decided_by)
+    det.p_value, det.decided_by = c.p_value, c.source
+    det.verdict = "backdoored" if c.p_value < s.alpha_backdoored else "suspicious" if c.p_value < s.alpha_suspicious else "clean"
+    det.suspected_target = None if det.verdict == "clean" else c.target

@@ -230,8 +230,12 @@ def _label(loaded: LoadedModel, index: int | None) -> str | None:
 
 def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
     per_class = [det.statistics.get(c) for c in range(det.num_classes)]
+    weights = det.weight_evidence
+    statistic = "universal-trigger" if det.method == "trigger" else "max-margin"
+    if weights and weights.get("applicable"):
+        statistic += " + batchnorm-evidence"
     return BackdoorEvidence(
-        statistic="max-margin",
+        statistic=statistic,
         p_value=det.p_value,
         suspected_target=det.suspected_target,
         suspected_label=_label(loaded, det.suspected_target),
@@ -246,7 +250,10 @@ def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
                 "top_class": det.top_class,
                 "num_classes": det.num_classes,
                 "screened": det.screened,
-            }
+                "p_first": det.p_first,
+                "decided_by": det.decided_by,
+            },
+            "batchnorm": weights,
         },
     )
 

@@ -275,3 +275,125 @@ def test_trigger_decision_rule() -> None:
     assert det.verdict == "backdoored" and det.suspected_target == 9 and det.robust_z is not None and det.robust_z > 2
     spread = _trigger_result({c: 10.0 * 1.3**c for c in range(10)})
     assert decide_trigger(spread).verdict == "clean"
+
+
+# --------------------------------------------------------------------------- BatchNorm-moment evidence
+
+from scipy import stats as _stats  # noqa: E402
+
+from otbr_hub.evidence import WeightEvidence, combine, mean_features, weight_evidence  # noqa: E402
+
+BN_SPEC = InputSpec(channels=1, height=8, width=8, mean=(0.5,), std=(0.5,), num_classes=10)
+
+
+class BNNet(nn.Module):
+    """conv -> BatchNorm -> ReLU -> average pool -> linear, with chosen BatchNorm moments.
+
+    Clean: every class row is a different permutation of the same weights (balanced classes,
+    each reading its own mix of the features). ``target`` mimics what dirty-label poisoning
+    does to the head: the target row also gets positive weight on every feature, since images
+    of every class were labelled with it."""
+
+    def __init__(self, seed: int, target: int | None = None, width: int = 64, extra: float = 1.5) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 10)
+        with torch.no_grad():
+            self.bn.weight.copy_(0.5 + torch.rand(width, generator=g))
+            self.bn.bias.copy_(torch.randn(width, generator=g) * 0.5)
+            base = torch.randn(width, generator=g)
+            self.fc.weight.copy_(torch.stack([base[torch.randperm(width, generator=g)] for _ in range(10)]))
+            self.fc.bias.zero_()
+            if target is not None:
+                self.fc.weight[target] += extra
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_mean_features_follow_the_batchnorm_moments() -> None:
+    """Each pooled feature is relu(N(beta, gamma^2)) on average: the Gaussian's rectified mean."""
+    model = BNNet(seed=0)
+    mean_f, n_bn = mean_features(model, BN_SPEC, pixels=2**18)
+    beta, gamma = model.bn.bias.detach().double(), model.bn.weight.detach().double()
+    ratio = (beta / gamma).numpy()
+    expected = beta.numpy() * _stats.norm.cdf(ratio) + gamma.numpy() * _stats.norm.pdf(ratio)
+    assert n_bn == 1
+    assert mean_f.numpy() == pytest.approx(expected, rel=0.02, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_weight_evidence_clean_rows_not_flagged(seed: int) -> None:
+    ev = weight_evidence(BNNet(seed=seed), BN_SPEC, pixels=2**16)
+    assert ev.applicable and ev.p_value is not None and len(ev.per_class) == 10
+    assert ev.p_value > 0.05, ev
+
+
+@pytest.mark.parametrize("seed,target", [(0, 4), (1, 9), (2, 0), (3, 5)])
+def test_weight_evidence_names_a_dirty_label_target(seed: int, target: int) -> None:
+    ev = weight_evidence(BNNet(seed=seed, target=target), BN_SPEC, pixels=2**16)
+    assert ev.top_class == target
+    assert ev.p_value is not None and ev.p_value < 0.01, ev
+
+
+def test_weight_evidence_is_deterministic_and_leaves_the_model_alone() -> None:
+    model = BNNet(seed=1, target=3)
+    model.bn.train()  # a mixed mode state must come back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b = (weight_evidence(model, BN_SPEC, pixels=2**16) for _ in range(2))
+    assert a.per_class == b.per_class
+    assert model.bn.training and not model.conv.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics included
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_models_without_batchnorm_are_judged_by_the_margins_alone() -> None:
+    model = TemplateNet(random_templates(10, seed=1), target=6)
+    ev = weight_evidence(model, SPEC)
+    assert not ev.applicable and ev.reason
+    with_ev = detect(model, SPEC, FAST)
+    without = detect(model, SPEC, dataclasses.replace(FAST, weight_evidence=False))
+    assert (with_ev.verdict, with_ev.p_value, with_ev.suspected_target) == (without.verdict, without.p_value, without.suspected_target)
+    assert with_ev.decided_by == "margins" and with_ev.weight_evidence is not None
+
+
+def test_combination_is_bonferroni_and_names_the_deciding_class() -> None:
+    ev = WeightEvidence(applicable=True, top_class=4, p_value=0.001)
+    c = combine(0.3, 8, ev)
+    assert (c.p_value, c.target, c.source) == (pytest.approx(0.002), 4, "weights")
+    c = combine(0.0004, 8, ev)
+    assert (c.p_value, c.target, c.source) == (pytest.approx(0.0008), 8, "margins")
+    assert combine(0.7, 2, WeightEvidence(applicable=False)).p_value == 0.7
+    assert combine(0.9, 2, ev, first="triggers").p_value == pytest.approx(0.002)
+
+
+def test_detect_flags_a_dirty_label_head_the_margins_miss() -> None:
+    """The margins of this tiny net are unremarkable; the head's evidence decides, at half the level."""
+    model = BNNet(seed=2, target=0)
+    det = detect(model, BN_SPEC, FAST)
+    assert det.weight_evidence is not None and det.weight_evidence["applicable"]
+    assert det.decided_by == "weights" and det.suspected_target == 0
+    assert det.p_value == pytest.approx(2 * det.weight_evidence["p_value"])
+    assert det.p_first is not None and det.p_first > det.weight_evidence["p_value"]
+    clean = detect(BNNet(seed=2), BN_SPEC, FAST)
+    assert clean.verdict == "clean", clean
+
+
+def test_outlier_p_value_is_calibrated_under_a_gaussian_null() -> None:
+    """Uniform p-values when all classes are i.i.d. Gaussian (the draws here are independent of
+    the seeded null sample); the median/MAD rule of the margins is not (see evidence.py)."""
+    from otbr_hub.evidence import max_outlier_p_value
+
+    rng = torch.Generator().manual_seed(99)
+    x = torch.randn(4000, 10, generator=rng).double()
+    top = x.max(1).values
+    rest = torch.sort(x, 1).values[:, :-1]
+    z = (top - rest.mean(1)) / rest.std(1)
+    p = torch.tensor([max_outlier_p_value(float(v), 10) for v in z])
+    assert abs(float((p < 0.05).double().mean()) - 0.05) < 0.012
+    assert abs(float((p < 0.2).double().mean()) - 0.2) < 0.025
+    assert max_outlier_p_value(50.0, 10) == pytest.approx(1 / 20001)
