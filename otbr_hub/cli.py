@@ -183,7 +183,7 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     if report.evaluation:
         ev = report.evaluation
         say(f"  before: ACC {ev['before']['acc']:5.1f}%  ASR {ev['before']['asr']:5.1f}%")
-        say(f"  after:  ACC {ev['after']['acc']:5.1f}%  ASR {ev['after']['asr']:5.1f}%   DER {ev['der']:.3f}")
+        say(f"  after:  ACC {ev['after']['acc']:5.1f}%  ASR {ev['after']['asr']:5.1f}%   DER {ev['der']:.1f}")
     if args.output:
         say(f"  saved to {out} in {report.timings['total']:.1f} s")
     if publishing:
@@ -417,7 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.sources = [*args.sources, *extra]
     args.argv = argv
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if verbose:  # otbr-hub's own details; libraries' info logs would bury them (and name temp folders)
+        logging.getLogger("otbr_hub").setLevel(logging.INFO)
     if not verbose:
         _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
     try:
