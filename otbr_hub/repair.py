@@ -165,7 +165,7 @@ def repair(
             un = unlearn(work, spec, settings, device, progress=progress)
         with t("score"):
             scores = neuron_weight_change(work, un.model, layers, settings)
-        losses = {"first_loss": un.first_loss, "last_loss": un.last_loss}
+        losses = {"first_loss": un.first_loss, "last_loss": un.last_loss, "images_per_pass": un.images_per_pass}
         del un
 
         def build(ratio: float) -> nn.Module:

@@ -24,6 +24,8 @@ class UnlearnResult:
     steps: int
     first_loss: float
     last_loss: float
+    images_per_pass: int = 0
+    """Slice size actually used; in train mode BatchNorm saw batch statistics of this many images."""
 
 
 def noise_batch(spec: InputSpec, n: int, generator: torch.Generator, size: int | None = None, normalize: bool = True) -> torch.Tensor:
@@ -77,4 +79,5 @@ def unlearn(
         if progress is not None:
             progress("unlearn", step + 1, settings.unlearn_steps)
     work.eval()
-    return UnlearnResult(model=work, steps=settings.unlearn_steps, first_loss=first, last_loss=last)
+    return UnlearnResult(model=work, steps=settings.unlearn_steps, first_loss=first, last_loss=last,
+                         images_per_pass=min(chunk, n))

@@ -532,3 +532,12 @@ def test_card_metadata_results_and_original_card() -> None:
     local = ModelCard(render_card({**report, "source": "/home/me/models/vit", "revision": None, "evaluation": None}))
     assert local.data.base_model is None and local.data.eval_results is None
     assert "/home/me" not in str(local) and "not measured" in local.text
+
+
+def test_card_says_when_unlearning_batches_were_sliced() -> None:
+    base = {"source": "alice/r50", "library": "timm", "prune_ratio": 0.05, "lam": 0.5, "settings": {"seed": 0},
+            "verification": {"ok": True, "agreement": 0.9}}
+    sliced = render_card({**base, "unlearning": {"steps": 20, "batch": 256, "images_per_pass": 1}}, repo_id="bob/r50-otbr")
+    whole = render_card({**base, "unlearning": {"steps": 20, "batch": 256, "images_per_pass": 256}}, repo_id="bob/r50-otbr")
+    assert "slices of 1 images" in sliced
+    assert "slices of" not in whole and "20 gradient-ascent steps on batches of 256" in whole
