@@ -233,7 +233,7 @@ def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
     weights = det.weight_evidence
     statistic = "universal-trigger" if det.method == "trigger" else "max-margin"
     if weights and weights.get("applicable"):
-        statistic += " + batchnorm-evidence"
+        statistic += " + weight-evidence"
     return BackdoorEvidence(
         statistic=statistic,
         p_value=det.p_value,
@@ -253,7 +253,7 @@ def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
                 "p_first": det.p_first,
                 "decided_by": det.decided_by,
             },
-            "batchnorm": weights,
+            "weights": weights,
         },
     )
 

@@ -397,3 +397,35 @@ def test_outlier_p_value_is_calibrated_under_a_gaussian_null() -> None:
     assert abs(float((p < 0.05).double().mean()) - 0.05) < 0.012
     assert abs(float((p < 0.2).double().mean()) - 0.2) < 0.025
     assert max_outlier_p_value(50.0, 10) == pytest.approx(1 / 20001)
+
+
+class LNHeadNet(nn.Module):
+    """conv -> average pool -> LayerNorm -> linear (a ConvNeXt/ViT-style head), rows as in BNNet.
+
+    With no BatchNorm the mean feature is the head norm's bias; nothing runs forward."""
+
+    def __init__(self, seed: int, target: int | None = None, width: int = 256, extra: float = 1.5) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, 10)
+        with torch.no_grad():
+            self.norm.bias.copy_(torch.randn(width, generator=g) * 0.5)
+            base = torch.randn(width, generator=g)
+            self.fc.weight.copy_(torch.stack([base[torch.randperm(width, generator=g)] for _ in range(10)]))
+            if target is not None:
+                self.fc.weight[target] += extra * torch.sign(self.norm.bias)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.conv(x).mean((2, 3))))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_layernorm_head_evidence(seed: int) -> None:
+    clean = weight_evidence(LNHeadNet(seed), BN_SPEC)
+    assert clean.applicable and clean.source == "head-norm-bias" and clean.batchnorms == 0
+    assert clean.p_value is not None and clean.p_value > 0.05, clean
+    bad = weight_evidence(LNHeadNet(seed, target=7 - seed), BN_SPEC)
+    assert bad.top_class == 7 - seed and bad.p_value is not None and bad.p_value < 0.01, bad
