@@ -269,7 +269,10 @@ def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSetting
             from .detect import DetectSettings, detect
         except ImportError:
             return None, False
-        ds = DetectSettings(seed=settings.seed)
+        # Margins only: the weight evidence reads the classifier head and BatchNorm moments,
+        # which pruning does not change, so it would keep every candidate ratio "flagged"
+        # (measured on resnet-badnets-t6-s1-quick: p 2e-4 at every ratio; DETECT_NOTES.md).
+        ds = DetectSettings(seed=settings.seed, weight_evidence=False)
 
         def detector(m: nn.Module) -> tuple[bool, float]:
             d = detect(m, spec, ds)
