@@ -38,6 +38,14 @@ It finds whole-image triggers (blended, low-frequency, some warping) that the ma
 but on the Fashion-MNIST zoo it also flags clean models, whose "bag"/"shirt"/"trouser"
 classes have natural few-pixel universal shortcuts, so it is not the default.
 
+``weight_evidence`` (on by default, off in the published preset) adds a test that needs no
+search: :mod:`otbr_hub.evidence` estimates each class's positive evidence from the classifier
+and the BatchNorm moments (or a head LayerNorm's bias). Dirty-label poisoning makes the
+target an outlier there. The verdict is the union of the two tests, each at half the level
+(Bonferroni), and names the class of the test with the smaller p-value; ``decided_by``,
+``p_first`` and ``weight_evidence`` record both. On the zoo this names the right target for
+every flagged model with no false alarm, where the margins alone flagged none.
+
 Limits of the margins (measured in ``benchmarks/DETECT_NOTES.md``): on small, briefly trained Fashion-MNIST
 models a trigger wins by about as much as a confident clean image, while the unconstrained
 search pushes naturally "easy" classes (bag, trouser) 1.5-2.5x above the median class. There

@@ -1,30 +1,37 @@
 """Weight-level evidence of a dirty-label backdoor: which class collects the most positive
 evidence from the features the training data made active. No data, no gradients.
 
-Why this can work without data: a BatchNorm layer's running mean and variance are a
-summary of the training distribution, poisoned images included, and its affine
-parameters say where each channel's output sits on that distribution (mean ``beta``,
-spread ``|gamma|``). Replacing every BatchNorm output by Gaussian noise with exactly those
-moments and running the rest of the network (activations, residual sums, pooling) gives a
-data-free estimate of the mean feature ``E[f_j]`` that reaches the classifier.
-
 A dirty-label backdoor relabels images of *every* class to the target, so the target's
-classifier row must collect positive evidence from features that are active on all kinds
-of inputs (the trigger's and the ordinary ones): its positive evidence
-``S_c = sum_j max(W_cj * E[f_j], 0)`` is unusually large. On the Fashion-MNIST zoo
-(``benchmarks/DETECT_NOTES.md``) the target is the top class of every dirty-label ResNet
-backdoor, as a large outlier, while clean ResNets' top classes stay much closer to the
-others. The test is on ``log S_c``: how many standard deviations of the other classes the
-top class lies above their mean, with a p-value from the exact distribution of that maximum
-for K i.i.d. Gaussian classes (Monte Carlo, seeded, :func:`max_outlier_p_value`). The
-median/MAD rule with a Student-t tail used for the margins was tried first and dropped here:
-with ten classes the MAD of nine values is so noisy that, by simulation, a Gaussian null
-crosses its p < 0.01 line 6.8 % of the time (15.6 % for 0.05).
+classifier row must collect positive evidence from features that are active on all kinds of
+inputs (the trigger's and the ordinary ones), and the target's share of the training labels
+roughly doubles. Its positive evidence ``S_c = sum_j max(W_cj * E[f_j], 0)``, with ``E[f_j]``
+the mean feature reaching the classifier, is then unusually large.
 
-Limits (measured): only networks with BatchNorm carry the training moments (ConvNeXt and
-ViT use LayerNorm, which normalises each input by its own statistics, so the evidence is
-reported as not applicable there); a clean-label attack (SIG) does not change the labels
-and leaves no such trace.
+The mean feature without data:
+
+* **BatchNorm networks**: a BatchNorm's running statistics summarise the training
+  distribution, poisoned images included, and its affine parameters place each channel's
+  output on it (mean ``beta``, spread ``|gamma|``). Every BatchNorm output is replaced by
+  Gaussian noise with exactly those moments and the rest of the network (activations,
+  residual sums, pooling) runs once on it (:func:`mean_features`).
+* **A LayerNorm right before the classifier** (ConvNeXt ``head.norm``, ViT ``norm``): it
+  makes each input's features zero-mean across channels before its affine map, so its bias
+  is the guess of the mean feature (:func:`head_norm_bias`); nothing runs forward.
+
+The test is on ``log S_c``: how many standard deviations of the other classes the top class
+lies above their mean, with a p-value from the exact distribution of that maximum for K
+i.i.d. Gaussian classes (Monte Carlo, seeded, :func:`max_outlier_p_value`). The median/MAD
+rule with a Student-t tail used for the margins was tried first and dropped here: with ten
+classes the MAD of nine values is so noisy that, by simulation, a Gaussian null crosses its
+p < 0.01 line 6.8 % of the time (15.6 % for 0.05).
+
+Measured on the Fashion-MNIST zoo (``benchmarks/DETECT_NOTES.md``): the top class is the
+target in every dirty-label model (ResNet, ConvNeXt, ViT) and no clean model reaches
+p < 0.01, but only about half of the backdoored models are that far out, fully trained
+models less often than the short "quick" ones. What it sees is a label shift towards one
+class, not a working trigger: a clean-label attack (SIG) leaves no trace, a model trained on
+naturally imbalanced labels would look the same, and pruning or fine-tuning the body does
+not remove it (so it says nothing about whether a repair worked; ``repair`` does not use it).
 """
 
 from __future__ import annotations
