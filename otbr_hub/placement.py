@@ -89,3 +89,17 @@ def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None
         else:
             budget = CPU_ACTIVATION_BUDGET
     return max(1, int(budget // activation_bytes_per_image(model, spec, side)))
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after a stage that allocated a lot (unlearning's
+    activations and optimiser state). glibc keeps small freed blocks in its arenas, so RSS
+    would stay at the unlearning peak and the later stages would stack on top of it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -19,7 +19,7 @@ from .errors import OtbrError, UnsupportedModelError
 from .fuse import FuseResult, fuse
 from .layers import Layer, select_layers
 from .load import LoadedModel, eval_mode, from_model, load_folder
-from .placement import resolve_device
+from .placement import release_memory, resolve_device
 from .progress import Progress
 from .prune import PruneResult, prune
 from .ratio import RatioChoice, choose_ratio
@@ -167,6 +167,7 @@ def repair(
             scores = neuron_weight_change(work, un.model, layers, settings)
         losses = {"first_loss": un.first_loss, "last_loss": un.last_loss, "images_per_pass": un.images_per_pass}
         del un
+        release_memory()
 
         def build(ratio: float) -> nn.Module:
             with t("prune"):
