@@ -13,6 +13,7 @@ def prune_mean(model, layers, sc, r):
                 mods[L.norm_name].weight[idx] = 0
     return pr
 rows = []
+RATIOS = [float(v) for v in sys.argv[4].split(",")] if len(sys.argv) > 4 else [0.02, 0.05, 0.1, 0.2]
 for name in sys.argv[1].split(","):
     m = M(name)
     for inc in [None, sys.argv[2]]:
@@ -21,7 +22,7 @@ for name in sys.argv[1].split(","):
         sc = random_nwc(m.model, m.spec, layers, s)
         ones = {k: torch.ones_like(v) for k, v in sc.nwc.items()}
         print(f"== {name} before {m.before} include={inc} ({len(layers)} layers)", flush=True)
-        for r in [0.02, 0.05, 0.1, 0.2]:
+        for r in RATIOS:
             pm = prune_mean(m.model, layers, sc, r)
             var = {"P1": pm.model, "F1": fuse(m.model, pm.model, layers, sc.nwc, pm.pruned, 0.5).model,
                    "U1": fuse(m.model, pm.model, layers, ones, pm.pruned, 0.5).model}
