@@ -21,9 +21,10 @@ The mean feature without data:
 The test is on ``log S_c``: how many standard deviations of the other classes the top class
 lies above their mean, with a p-value from the exact distribution of that maximum for K
 i.i.d. Gaussian classes (Monte Carlo, seeded, :func:`max_outlier_p_value`). The median/MAD
-rule with a Student-t tail used for the margins was tried first and dropped here: with ten
+rule with a Student-t tail then used for the margins was tried first and dropped here: with ten
 classes the MAD of nine values is so noisy that, by simulation, a Gaussian null crosses its
-p < 0.01 line 6.8 % of the time (15.6 % for 0.05).
+p < 0.01 line 6.8 % of the time (15.6 % for 0.05). The margin test now uses the same Monte
+Carlo null for its median/MAD statistic (``max_outlier_p_value(..., robust=True)``).
 
 Measured on the Fashion-MNIST zoo (``benchmarks/DETECT_NOTES.md``): the top class is the
 target in every dirty-label model (ResNet, ConvNeXt, ViT) and no clean model reaches
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import special
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -95,10 +97,24 @@ NULL_DRAWS = 20000
 """Monte Carlo draws of the null distribution (p-values resolve down to 1 / 20001)."""
 
 
-@functools.lru_cache(maxsize=16)
-def _null_max_z(n: int, draws: int = NULL_DRAWS, seed: int = 0) -> np.ndarray:
-    """Sorted null sample of (max - mean(rest)) / sd(rest) for n i.i.d. standard normals."""
+@functools.lru_cache(maxsize=64)
+def _null_max_z(n: int, draws: int = NULL_DRAWS, seed: int = 0, robust: bool = False, of: int | None = None) -> np.ndarray:
+    """Sorted null sample of the studentized maximum for i.i.d. standard normals.
+
+    Default: (max - mean(rest)) / sd(rest) over n values. ``robust``: (max - median(rest)) /
+    (1.4826 MAD(rest)), where the maximum is taken over ``of`` >= n values (default n) and
+    rest is n - 1 of the others, drawn uniformly (the margin test's null after screening:
+    the top of all K classes against a random sample of them). Drawn exactly: the maximum of
+    ``of`` normals from its distribution Phi^of, the rest i.i.d. below it.
+    """
     rng = np.random.default_rng(seed)
+    if robust:
+        m = int(of or n)
+        top = -special.ndtri(-np.expm1(np.log(rng.random(draws)) / m))  # Phi^-1(U^(1/m)), accurate near 1
+        rest = special.ndtri(rng.random((draws, n - 1)) * special.ndtr(top)[:, None])
+        med = np.median(rest, axis=1)
+        mad = 1.4826 * np.median(np.abs(rest - med[:, None]), axis=1)
+        return np.sort((top - med) / mad)
     out = []
     rows = max(1, 2_000_000 // n)
     for start in range(0, draws, rows):
@@ -108,16 +124,20 @@ def _null_max_z(n: int, draws: int = NULL_DRAWS, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(out))
 
 
-def max_outlier_p_value(z: float, n: int) -> float:
+def max_outlier_p_value(z: float, n: int, robust: bool = False, of: int | None = None) -> float:
     """P(Z >= z) for Z = (max - mean(rest)) / sd(rest) over n i.i.d. Gaussian values.
 
     The statistic is location- and scale-free, so its null distribution depends only on n; it
     already accounts for the top class being the largest of n. A floor on the spread only
-    lowers the observed z, which keeps the test conservative.
+    lowers the observed z, which keeps the test conservative. ``robust`` uses median and
+    1.4826 MAD of the rest instead, and ``of`` (>= n) is the number of classes the maximum
+    was taken over when the rest is only a sample of them (see :func:`_null_max_z`); the
+    margin test of :mod:`otbr_hub.detect` uses this form.
     """
     if n < 3:
         return 1.0
-    null = _null_max_z(int(n))
+    of = None if of is None or int(of) <= int(n) else int(of)
+    null = _null_max_z(int(n), robust=robust, of=of) if robust else _null_max_z(int(n))
     above = len(null) - int(np.searchsorted(null, z, side="left"))
     return (1 + above) / (len(null) + 1)
 

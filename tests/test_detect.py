@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from otbr_hub.detect import (
     decide_trigger,
     detect,
     max_margin,
+    robust_p_value,
     universal_trigger,
 )
 from otbr_hub.load import InputSpec
@@ -93,7 +96,9 @@ def test_handcrafted_backdoor_found_with_its_target() -> None:
     det = detect(model, SPEC, FAST)
     assert det.verdict == "backdoored"
     assert det.suspected_target == 6
-    assert det.p_value < 1e-4
+    # Three times every other margin: the Gamma p is ~0; the robust p is the calibrated one of
+    # a z-score of 12 among ten classes (0.0035; the old Student-t tail said < 1e-4).
+    assert det.p_value < 0.01 and det.p_gamma is not None and det.p_gamma < 1e-6
     assert det.statistics[6] > 2 * max(v for c, v in det.statistics.items() if c != 6)
 
 
@@ -218,7 +223,9 @@ def trigger_model(seed: int, target: int) -> TemplateNet:
 def test_trigger_search_finds_patch_backdoor(seed: int, target: int) -> None:
     det = detect(trigger_model(seed, target), T_SPEC, TRIGGER)
     assert det.method == "trigger" and det.p_gamma is None
-    assert det.verdict == "backdoored", det
+    # A mask under half the smallest other among ten classes is p ~ 0.015-0.02 under the
+    # calibrated null ('suspicious'); the old Student-t tail called it 'backdoored'.
+    assert det.verdict != "clean" and det.p_value < 0.05, det
     assert det.suspected_target == target
     others = [v for c, v in det.statistics.items() if c != target]
     assert det.statistics[target] < 0.5 * min(others)
@@ -261,7 +268,7 @@ def test_trigger_search_screens_many_classes() -> None:
     det = detect(model, spec, settings)
     assert det.screened and det.screen_statistics is not None and len(det.screen_statistics) == k
     assert len(det.statistics) <= settings.max_classes
-    assert det.verdict == "backdoored" and det.suspected_target == 123
+    assert det.verdict != "clean" and det.suspected_target == 123, det
 
 
 def _trigger_result(costs: dict[int, float]) -> TriggerResult:
@@ -385,7 +392,7 @@ def test_detect_flags_a_dirty_label_head_the_margins_miss() -> None:
 
 def test_outlier_p_value_is_calibrated_under_a_gaussian_null() -> None:
     """Uniform p-values when all classes are i.i.d. Gaussian (the draws here are independent of
-    the seeded null sample); the median/MAD rule of the margins is not (see evidence.py)."""
+    the seeded null sample). The margins' median/MAD form is checked further below."""
     from otbr_hub.evidence import max_outlier_p_value
 
     rng = torch.Generator().manual_seed(99)
@@ -429,3 +436,58 @@ def test_layernorm_head_evidence(seed: int) -> None:
     assert clean.p_value is not None and clean.p_value > 0.05, clean
     bad = weight_evidence(LNHeadNet(seed, target=7 - seed), BN_SPEC)
     assert bad.top_class == 7 - seed and bad.p_value is not None and bad.p_value < 0.01, bad
+
+
+# --------------------------------------------------------------------------- calibration of the margin test
+
+
+def _null_margins(rng: np.random.Generator, k: int, sd: float) -> np.ndarray:
+    """Margins of k exchangeable clean classes: i.i.d. Gaussian in log, median margin 50."""
+    return np.exp(math.log(50.0) + sd * rng.standard_normal(k))
+
+
+def _binomial_slack(p: float, n: int) -> float:
+    return 3.5 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("k", [10, 64])
+def test_robust_margin_p_value_is_calibrated_under_a_gaussian_null(k: int) -> None:
+    """With the spread floor out of play (sd 1), the robust p-value has its nominal rate under
+    K i.i.d. Gaussian log-margins (draws independent of the seeded null sample). The
+    Student-t tail it replaced gave 6.8 % below 0.01 and 16 % below 0.05 at K = 10."""
+    rng = np.random.default_rng(2026)
+    n = 3000
+    ps = []
+    for _ in range(n):
+        m = np.sort(_null_margins(rng, k, 1.0))
+        ps.append(robust_p_value(float(m[-1]), m[:-1], k, min_spread=0.1)[0])
+    p = np.asarray(ps)
+    for a in (0.01, 0.05, 0.2):
+        assert abs(float((p < a).mean()) - a) < _binomial_slack(a, n), (a, float((p < a).mean()))
+
+
+def test_robust_margin_p_value_is_calibrated_after_screening() -> None:
+    """K = 1000 classes, the top of all of them against a random sample of 48 (as after
+    screening): the null uses the maximum of K, not of the sample."""
+    rng = np.random.default_rng(7)
+    n, k = 2000, 1000
+    ps = []
+    for _ in range(n):
+        m = _null_margins(rng, k, 1.0)
+        top = int(np.argmax(m))
+        sample = [c for c in rng.choice(k, size=48, replace=False) if c != top]
+        ps.append(robust_p_value(float(m[top]), m[sample], k, min_spread=0.1)[0])
+    p = np.asarray(ps)
+    for a in (0.01, 0.05):
+        assert abs(float((p < a).mean()) - a) < _binomial_slack(a, n), (a, float((p < a).mean()))
+
+
+def test_default_decision_does_not_exceed_its_level_on_clean_nulls() -> None:
+    """decide() at the default settings (floor 0.1, max with the Gamma p) on ten i.i.d.
+    Gaussian log-margins with the zoo's typical spread (sd 0.3): the floor and the
+    intersection with the Gamma test only make it more conservative."""
+    rng = np.random.default_rng(11)
+    n = 1500
+    ps = np.array([decide(_result(dict(enumerate(_null_margins(rng, 10, 0.3).tolist())))).p_value for _ in range(n)])
+    for a in (0.01, 0.05):
+        assert float((ps < a).mean()) < a + _binomial_slack(a, n), (a, float((ps < a).mean()))
