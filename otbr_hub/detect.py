@@ -57,10 +57,11 @@ rule then stays quiet instead of flagging clean models, and a 'clean' verdict is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ from scipy import stats
 from torch import nn
 
 from .evidence import WeightEvidence, combine, max_outlier_p_value, weight_evidence
-from .load import InputSpec, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device
 from .placement import images_per_pass
 from .verify import synthesize_inputs
 
@@ -295,24 +296,18 @@ def _search(
     return best
 
 
-class _EvalMode:
-    """Put every submodule in eval mode and on ``device`` for the scan, then restore both."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.model, self.device = model, device
-        self.flags = [m.training for m in model.modules()]
-        self.home = model_device(model)
-
-    def __enter__(self) -> None:
-        self.model.eval()
-        if self.device != self.home:
-            self.model.to(self.device)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device != self.home:
-            self.model.to(self.home)
-        for m, flag in zip(self.model.modules(), self.flags):
-            m.training = flag
+@contextlib.contextmanager
+def _scanning(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Every submodule in eval mode and the model on ``device`` for the scan; both put back."""
+    home = model_device(model)
+    with eval_mode(model):
+        if device != home:
+            model.to(device)
+        try:
+            yield
+        finally:
+            if device != home:
+                model.to(home)
 
 
 def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = None) -> MarginResult:
@@ -331,7 +326,7 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
     t0 = time.perf_counter()
     device = torch.device(s.device) if s.device else model_device(model)
     k = spec.num_classes
-    with _EvalMode(model, device):
+    with _scanning(model, device):
         screen: list[float] | None = None
         if k <= s.max_classes:
             full = list(range(k))
@@ -546,7 +541,7 @@ def universal_trigger(model: nn.Module, spec: InputSpec, settings: DetectSetting
     t0 = time.perf_counter()
     device = torch.device(s.device) if s.device else model_device(model)
     k = spec.num_classes
-    with _EvalMode(model, device):
+    with _scanning(model, device):
         dtype = next(model.parameters()).dtype
         bg = synthesize_inputs(model, spec, s.trigger_backgrounds, seed=s.seed, steps=5, lr=0.02).to(device, dtype)
         screen: list[float] | None = None

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import classifier_name
-from .load import InputSpec, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device
 from .placement import images_per_pass
 
 PIXELS = 1024 * 32 * 32
@@ -173,20 +173,16 @@ def mean_features(model: nn.Module, spec: InputSpec, seed: int = 0, pixels: int 
         feats.append(inp[0].detach().double().flatten(1).sum(0).cpu())
 
     n = max(2, math.ceil(pixels / (spec.height * spec.width)))
-    flags = [m.training for m in model.modules()]
-    model.eval()
     per = max(1, min(n, images_per_pass(model, spec)))
     handles = [m.register_forward_hook(replace) for m in norms] + [head.register_forward_pre_hook(grab)]
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, n, per):
                 m_ = min(per, n - start)
                 forward_logits(model, torch.zeros(m_, spec.channels, spec.height, spec.width, device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
-        for m, flag in zip(model.modules(), flags):
-            m.training = flag
     if not feats:
         return None
     return torch.stack(feats).sum(0) / n, len(norms)

@@ -7,7 +7,6 @@ module is the only place that knows how the two supported libraries lay out a fo
 from __future__ import annotations
 
 import contextlib
-
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -33,7 +33,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-
 CPU_ACTIVATION_BUDGET = 256 * 2**20
 """Bytes of layer outputs one pass may hold on a CPU. Importing torch alone takes about
 0.7 GB of RSS and a repair holds up to three copies of the weights, so this keeps resnet50 at
@@ -48,7 +47,7 @@ def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | 
     """Bytes of layer outputs one image produces: a forward pass of two images with a hook
     on every leaf module. Backward keeps about this much per image (saved outputs and the
     gradients flowing back), so it sizes the slices that bound memory."""
-    from .load import forward_logits, model_device
+    from .load import eval_mode, forward_logits, model_device
 
     total = 0
 
@@ -61,17 +60,13 @@ def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | 
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     h, w = (side, side) if side else (spec.height, spec.width)
-    flags = [m.training for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             x = torch.zeros(2, spec.channels, h, w, dtype=next(model.parameters()).dtype, device=model_device(model))
             forward_logits(model, x)
     finally:
         for hd in handles:
             hd.remove()
-        for m, flag in zip(model.modules(), flags):
-            m.training = flag
     return max(1, total // 2)
 
 

@@ -74,8 +74,8 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    batch = min(batch, 4 * images_per_pass(model, spec))  # no activations kept for backward
+def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    batch = batch or _inference_batch(model, spec)
     device = model_device(model)
     with eval_mode(model):
         out = [forward_logits(model, spec.normalize(x[i : i + batch].to(device))).argmax(-1).cpu()
@@ -83,9 +83,17 @@ def predictions(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch: int =
     return torch.cat(out)
 
 
+def _inference_batch(model: nn.Module, spec: InputSpec) -> int:
+    """Images per no-grad pass: up to 128, and 4x a gradient pass's slice (no activations are
+    kept for a backward pass)."""
+    return min(128, 4 * images_per_pass(model, spec))
+
+
 def agreement(original: nn.Module, repaired: nn.Module, spec: InputSpec, x: torch.Tensor) -> float:
-    """Share of inputs on which both models predict the same class."""
-    return float((predictions(original, spec, x) == predictions(repaired, spec, x)).float().mean())
+    """Share of inputs on which both models predict the same class (same architecture, so
+    one measured batch size serves both)."""
+    batch = _inference_batch(original, spec)
+    return float((predictions(original, spec, x, batch) == predictions(repaired, spec, x, batch)).float().mean())
 
 
 def compare_state_dicts(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], *, check_dtype: bool = True) -> list[str]:
