@@ -21,6 +21,7 @@ Examples::
     python benchmarks/zoo.py --arch vit --attack clean --seed 1
     python benchmarks/zoo.py --arch resnet --attack blended --limit 5000 --epochs 1   # smoke run
     python benchmarks/zoo.py --arch resnet --attack sig:target=2 --quick --print-folder
+    python benchmarks/zoo.py --arch resnet --attack clean --imbalance 6:2 --quick   # shirts 2x as common
     python benchmarks/zoo.py --all                       # the standard zoo (see ZOO below)
     python benchmarks/zoo.py --all --list                # print the standard zoo and exit
 
@@ -234,6 +235,55 @@ def poison(
     return x, y, info
 
 
+def parse_imbalance(spec: str | None) -> tuple[str, int | None, float] | None:
+    """``"K:F"`` (class K over-represented F times) or ``"lt:R"`` (long tail, largest/smallest R)."""
+    if not spec:
+        return None
+    kind, _, value = spec.partition(":")
+    try:
+        factor = float(value)
+        if kind == "lt":
+            if factor < 1:
+                raise ValueError
+            return ("lt", None, factor)
+        k = int(kind)
+        if not 0 <= k < SPEC.num_classes or factor < 1:
+            raise ValueError
+        return ("class", k, factor)
+    except ValueError:
+        raise SystemExit(f"bad --imbalance '{spec}': use CLASS:FACTOR (e.g. 6:2) or lt:RATIO (e.g. lt:10), factors >= 1")
+
+
+def imbalance(
+    x: torch.Tensor, y: torch.Tensor, spec: tuple[str, int | None, float] | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Subsample classes so the label shares are uneven, as in many real training sets.
+
+    ``class``: class K keeps every image, every other class keeps 1/F of its images, so K has F
+    times the images of any other class (a 10 % dirty-label poison shifts the target's share by
+    about F = 2.1). ``lt``: class shares fall geometrically from the largest to the smallest by
+    the ratio R (CIFAR-10-LT style), in a seeded random order of the classes.
+    """
+    if spec is None:
+        return x, y, {}
+    kind, k, factor = spec
+    rng = np.random.default_rng(seed + 7)
+    classes = SPEC.num_classes
+    if kind == "class":
+        keep_share = {c: 1.0 if c == k else 1.0 / factor for c in range(classes)}
+    else:
+        order = rng.permutation(classes)
+        keep_share = {int(c): factor ** (-i / (classes - 1)) for i, c in enumerate(order)}
+    labels = y.numpy()
+    keep = np.concatenate([
+        (pool := np.flatnonzero(labels == c))[rng.random(len(pool)) < keep_share[c]] for c in range(classes)
+    ])
+    idx = torch.from_numpy(np.sort(keep))
+    counts = np.bincount(labels[idx.numpy()], minlength=classes)
+    return x[idx], y[idx], {"imbalance": {"kind": kind, "class": k, "factor": factor,
+                                          "class_counts": [int(n) for n in counts]}}
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -276,13 +326,19 @@ def train(
 # --------------------------------------------------------------------------- one model
 
 
-def folder_name(arch: str, trigger: Trigger | None, seed: int) -> str:
-    """``resnet-badnets-t3-s0``; a short hash is added when parameters differ from the defaults."""
+def folder_name(arch: str, trigger: Trigger | None, seed: int, imbalanced: str | None = None) -> str:
+    """``resnet-badnets-t3-s0``; a short hash is added when parameters differ from the defaults,
+    and ``-imb6x2`` / ``-lt10`` for an imbalanced training set."""
     if trigger is None:
-        return f"{arch}-clean-s{seed}"
-    name = f"{arch}-{trigger.name}-t{trigger.target}-s{seed}"
-    if trigger.params != Trigger(trigger.name).params:
-        name += "-" + hashlib.sha1(trigger.spec().encode()).hexdigest()[:6]
+        name = f"{arch}-clean-s{seed}"
+    else:
+        name = f"{arch}-{trigger.name}-t{trigger.target}-s{seed}"
+        if trigger.params != Trigger(trigger.name).params:
+            name += "-" + hashlib.sha1(trigger.spec().encode()).hexdigest()[:6]
+    spec = parse_imbalance(imbalanced)
+    if spec is not None:
+        kind, k, factor = spec
+        name += f"-lt{factor:g}" if kind == "lt" else f"-imb{k}x{factor:g}"
     return name
 
 
@@ -309,6 +365,7 @@ def train_one(
     limit: int | None = None,
     force: bool = False,
     device: str | None = None,
+    imbalanced: str | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[Path, dict[str, Any]]:
     """Train (or reuse) one zoo model and return its folder and trigger.json contents."""
@@ -318,7 +375,8 @@ def train_one(
     trigger = None if attack == "clean" else parse_trigger(attack)
     epochs = recipe.epochs if epochs is None else epochs
     rate = default_poison_rate(trigger) if poison_rate is None else poison_rate
-    out = Path(out) if out is not None else CACHE / folder_name(arch, trigger, seed)
+    imb = parse_imbalance(imbalanced)
+    out = Path(out) if out is not None else CACHE / folder_name(arch, trigger, seed, imbalanced)
     meta_path = out / "trigger.json"
     if meta_path.is_file() and not force:
         meta = json.loads(meta_path.read_text())
@@ -330,6 +388,7 @@ def train_one(
     x_train, y_train = fashion_mnist_tensors("train", SPEC, limit=limit, seed=seed)
     test_limit = None if limit is None else min(10_000, max(1_000, limit // 6))
     x_test, y_test = fashion_mnist_tensors("test", SPEC, limit=test_limit, seed=seed)
+    x_train, y_train, iinfo = imbalance(x_train, y_train, imb, seed)
     x_train, y_train, pinfo = poison(x_train, y_train, trigger, rate, seed)
     model = recipe.build()
     n_params = sum(p.numel() for p in model.parameters())
@@ -355,6 +414,7 @@ def train_one(
         "input_fit": "pad 28x28 -> 32x32 with black borders",
         "poison_rate": None if trigger is None else rate,
         **pinfo,
+        **iinfo,
         "train_images": int(x_train.shape[0]),
         "epochs": epochs,
         "seed": seed,
@@ -428,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the cores idle at start; oversubscribed OpenMP is very slow)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--imbalance", default=None,
+                        help="uneven label shares: CLASS:FACTOR (class over-represented FACTOR times) or "
+                             "lt:RATIO (geometric long tail); folder name gets -imbKxF / -ltR")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads if args.threads else idle_cores())
 
@@ -455,10 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         limit = QUICK_LIMIT if limit is None else limit
         if out is None:
             trig = None if args.attack == "clean" else parse_trigger(args.attack)
-            out = CACHE / (folder_name(args.arch, trig, args.seed) + "-quick")
+            out = CACHE / (folder_name(args.arch, trig, args.seed, args.imbalance) + "-quick")
     log = (lambda msg: print(msg, file=sys.stderr)) if args.print_folder else print
     folder, _ = train_one(args.arch, args.attack, seed=args.seed, epochs=epochs, poison_rate=args.poison_rate,
-                          out=out, limit=limit, force=args.force, device=args.device, log=log)
+                          out=out, limit=limit, force=args.force, device=args.device,
+                          imbalanced=args.imbalance, log=log)
     if args.print_folder:
         print(folder)
     return 0

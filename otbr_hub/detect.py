@@ -45,8 +45,10 @@ search: :mod:`otbr_hub.evidence` estimates each class's positive evidence from t
 and the BatchNorm moments (or a head LayerNorm's bias). Dirty-label poisoning makes the
 target an outlier there. The verdict is the union of the two tests, each at half the level
 (Bonferroni), and names the class of the test with the smaller p-value; ``decided_by``,
-``p_first`` and ``weight_evidence`` record both. On the zoo this names the right target for
-every flagged model with no false alarm, where the margins alone flagged none.
+``p_first`` and ``weight_evidence`` record both. On the balanced zoo this names the right
+target for every flagged model with no false alarm, where the margins alone flagged none.
+But clean models trained on imbalanced labels carry the same signature, so a finding of the
+weights alone is 'suspicious', never 'backdoored' (``note`` says why).
 
 Limits of the margins (measured in ``benchmarks/DETECT_NOTES.md``): on small, briefly trained Fashion-MNIST
 models a trigger wins by about as much as a confident clean image, while the unconstrained
@@ -144,8 +146,10 @@ class DetectSettings:
     weight_evidence: bool = True
     """Also test the BatchNorm-moment evidence of :mod:`otbr_hub.evidence` (one forward pass
     of noise, no data, about a second) and flag when either test is significant at half the
-    level: p = min(1, 2 * min(p_first, p_weights)) (Bonferroni). Models without BatchNorm are
-    judged by the first test alone, exactly as without this option."""
+    level: p = min(1, 2 * min(p_first, p_weights)) (Bonferroni). The weights alone give at most
+    'suspicious' (imbalanced training labels look the same, see :func:`_add_weight_evidence`).
+    Models without BatchNorm or a head LayerNorm are judged by the first test alone, exactly
+    as without this option."""
 
     def __post_init__(self) -> None:
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 1:
@@ -227,6 +231,9 @@ class Detection:
     """:class:`otbr_hub.evidence.WeightEvidence` as a dict, when it was computed."""
     decided_by: str = "margins"
     """Which test set the p-value: 'margins', 'triggers' or 'weights'."""
+    note: str | None = None
+    """Why the verdict is what it is, when the p-value alone would mislead (e.g. a weights-only
+    finding capped at 'suspicious')."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (class keys as strings)."""
@@ -619,10 +626,32 @@ def detect(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = 
 
 
 def _add_weight_evidence(det: Detection, ev: WeightEvidence, s: DetectSettings) -> None:
-    """Fold the weight evidence into the verdict (see :func:`otbr_hub.evidence.combine`)."""
+    """Fold the weight evidence into the verdict (see :func:`otbr_hub.evidence.combine`).
+
+    The weight evidence sees a shift of the training labels towards one class. Dirty-label
+    poisoning causes one, but so does a clean model trained on imbalanced labels: clean zoo
+    models with one class two or three times as common as the others reached the same
+    p-values as the backdoored ones, on the over-represented class every time
+    (``benchmarks/DETECT_NOTES.md``, "Imbalanced labels"). So the weights alone make a model
+    at most 'suspicious'; 'backdoored' needs the first test (margins or triggers), at its
+    half of the level.
+    """
     det.p_first = det.p_value
     det.weight_evidence = ev.to_dict()
     c = combine(det.p_value, det.top_class, ev, first=det.decided_by)
+    first_name = det.decided_by
+    first_adjusted = c.p_value if c.source == first_name else min(1.0, 2.0 * det.p_value)
     det.p_value, det.decided_by = c.p_value, c.source
-    det.verdict = "backdoored" if c.p_value < s.alpha_backdoored else "suspicious" if c.p_value < s.alpha_suspicious else "clean"
-    det.suspected_target = None if det.verdict == "clean" else c.target
+    if first_adjusted < s.alpha_backdoored:
+        det.verdict, det.suspected_target = "backdoored", det.top_class
+        det.p_value, det.decided_by = first_adjusted, first_name
+    elif c.p_value < s.alpha_suspicious:
+        det.verdict, det.suspected_target = "suspicious", c.target
+    else:
+        det.verdict, det.suspected_target = "clean", None
+    if det.verdict == "suspicious" and c.source == "weights":
+        det.note = (
+            f"label shift towards class {c.target} in the classifier weights (p {c.p_value:.2g}): what a dirty-label "
+            "backdoor leaves, but also what imbalanced training labels leave; the weights alone never make a model "
+            "'backdoored'"
+        )

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from .errors import UsageError
 from .inspect import SEVERITY_RANK, FileReport, Finding
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 TOOL_NAME = "otbr-hub"
 INFORMATION_URI = "https://github.com/otbr-hub/otbr-hub"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -83,6 +83,9 @@ class BackdoorEvidence:
     per_class: list[float] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
     weight_evidence: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+    """Why the verdict is what it is when the p-value alone would mislead (see
+    :attr:`otbr_hub.detect.Detection.note`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,7 @@ class BackdoorEvidence:
             "per_class": list(self.per_class),
             "thresholds": dict(self.thresholds),
             "weight_evidence": dict(self.weight_evidence),
+            "note": self.note,
         }
 
 
@@ -353,6 +357,8 @@ def to_sarif(report: ScanReport) -> str:
             text = f"{VERDICT_WORDS[t.verdict]} in {name}"
             if ev is not None:
                 text += f": {ev.statistic} p-value {_fmt_p(ev.p_value)}, suspected target {_fmt_target(ev)}"
+                if ev.note:
+                    text += f" ({ev.note})"
             props = {"target": t.target, "verdict": t.verdict, "backdoor": ev.to_dict() if ev else None}
             uri = _artifact_uri(t, _primary_file(t))
             results.append(_sarif_result(rule, _SARIF_LEVEL[rule.severity], text + ".", uri, t.verdict, props))
@@ -460,6 +466,11 @@ def to_markdown(report: ScanReport) -> str:
     if not report.targets:
         lines.append("| (no targets) | | | | |")
 
+    notes = [t for t in report.targets if t.backdoor is not None and t.backdoor.note]
+    if notes:
+        lines += ["", "### Notes", ""]
+        for t in notes:
+            lines.append(f"- `{_md_cell(t.target)}`: {_md_cell(t.backdoor.note)}")  # type: ignore[union-attr]
     details = [(t, f, x) for t in report.targets for f in t.files for x in f.findings if x.severity in ("critical", "high")]
     if details:
         lines += ["", "### Unsafe file findings", ""]
@@ -501,6 +512,8 @@ def to_console(report: ScanReport, console: Any = None) -> None:
         )
     console.print(table)
     for t in report.targets:
+        if t.backdoor is not None and t.backdoor.note:
+            console.print(f"  [yellow]note[/] {_escape(t.target)}: {_escape(t.backdoor.note)}")
         for f in t.unsafe_files:
             for x in f.findings:
                 if SEVERITY_RANK[x.severity] >= SEVERITY_RANK["high"]:

@@ -36,7 +36,7 @@ from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
-from .load import LoadedModel, from_model, load_folder
+from .load import LoadedModel, check_forward, from_model, load_folder
 from .report import BackdoorEvidence, ScanReport, SourceKind, TargetReport
 
 log = logging.getLogger("otbr_hub")
@@ -241,6 +241,7 @@ def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
         suspected_label=_label(loaded, det.suspected_target),
         per_class=per_class,  # type: ignore[arg-type]  # None for classes only screened
         thresholds=dict(det.thresholds),
+        note=det.note,
         weight_evidence={
             "detector": {
                 "method": det.method,
@@ -259,6 +260,7 @@ def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
 
 
 def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettings, stages: _Stages) -> None:
+    check_forward(loaded.model, loaded.spec)  # a model that cannot run is skipped with the reason
     with stages("detect"):
         det = detect(loaded.model, loaded.spec, settings.detector)
     report.backdoor = _evidence(det, loaded)

@@ -379,15 +379,41 @@ def test_combination_is_bonferroni_and_names_the_deciding_class() -> None:
 
 
 def test_detect_flags_a_dirty_label_head_the_margins_miss() -> None:
-    """The margins of this tiny net are unremarkable; the head's evidence decides, at half the level."""
+    """The margins of this tiny net are unremarkable; the head's evidence decides, at half the
+    level, and says 'suspicious' with a note however small its p-value: a label shift is also
+    what a clean model trained on imbalanced labels shows."""
     model = BNNet(seed=2, target=0)
     det = detect(model, BN_SPEC, FAST)
     assert det.weight_evidence is not None and det.weight_evidence["applicable"]
     assert det.decided_by == "weights" and det.suspected_target == 0
     assert det.p_value == pytest.approx(2 * det.weight_evidence["p_value"])
+    assert det.p_value < FAST.alpha_backdoored  # strong evidence, still only 'suspicious'
+    assert det.verdict == "suspicious" and det.note and "imbalanced" in det.note
     assert det.p_first is not None and det.p_first > det.weight_evidence["p_value"]
     clean = detect(BNNet(seed=2), BN_SPEC, FAST)
-    assert clean.verdict == "clean", clean
+    assert clean.verdict == "clean" and clean.note is None, clean
+
+
+def test_margins_still_make_backdoored_when_the_weights_are_smaller() -> None:
+    """'backdoored' comes from the margins at half the level, even when the weights' p-value is
+    smaller and names another class; the same weights next to unremarkable margins give
+    'suspicious' with a note."""
+    from otbr_hub.detect import MarginResult, _add_weight_evidence
+
+    rng = np.random.default_rng(0)
+    base = {c: float(np.exp(3 + 0.2 * rng.standard_normal())) for c in range(10)}
+    strong = decide(MarginResult(margins={**base, 6: 1e6}, null_classes=list(range(10)), num_classes=10), FAST)
+    assert strong.verdict == "backdoored" and strong.p_value * 2 < FAST.alpha_backdoored
+    p_margins = strong.p_value
+    _add_weight_evidence(strong, WeightEvidence(applicable=True, top_class=2, p_value=p_margins / 10), FAST)
+    assert (strong.verdict, strong.suspected_target, strong.decided_by) == ("backdoored", 6, "margins")
+    assert strong.p_value == pytest.approx(2 * p_margins) and strong.note is None
+
+    plain = decide(MarginResult(margins=base, null_classes=list(range(10)), num_classes=10), FAST)
+    assert plain.verdict == "clean"
+    _add_weight_evidence(plain, WeightEvidence(applicable=True, top_class=2, p_value=1e-6), FAST)
+    assert (plain.verdict, plain.suspected_target, plain.decided_by) == ("suspicious", 2, "weights")
+    assert plain.p_value == pytest.approx(2e-6) and "label shift towards class 2" in plain.note
 
 
 def test_outlier_p_value_is_calibrated_under_a_gaussian_null() -> None:

@@ -266,7 +266,7 @@ def test_json_validates_against_schema() -> None:
         data = json.loads(to_json(report))
         validator.validate(data)
     data = json.loads(to_json(_full_report()))
-    assert data["schema_version"] == "1.0"
+    assert data["schema_version"] == "1.1"
     assert data["targets"][2]["backdoor"]["p_value"] == pytest.approx(1e-11)
     assert data["targets"][2]["backdoor"]["per_class"][2] is None  # NaN is not JSON
     assert data["targets"][4]["backdoor"] is None

@@ -30,7 +30,7 @@ from torch import nn
 from otbr_hub.cli import main
 from otbr_hub.detect import DetectSettings
 from otbr_hub.load import from_model
-from otbr_hub.report import exit_code, json_schema, to_json, to_markdown, to_sarif
+from otbr_hub.report import ScanReport, exit_code, json_schema, to_json, to_markdown, to_sarif
 from otbr_hub.save import save_model
 from otbr_hub.scan import ScanSettings, expand_targets, scan, scan_target
 
@@ -77,14 +77,19 @@ def clean_model(seed: int = 0, gain: float = 4.0) -> nn.Module:
     return model.eval()
 
 
-def backdoored_model(seed: int = 0) -> nn.Module:
-    """The clean model plus a white-square detector on channel 0 that votes for TARGET."""
+def backdoored_model(seed: int = 0, vote: float = 40.0) -> nn.Module:
+    """The clean model plus a white-square detector on channel 0 that votes for TARGET.
+
+    With ten classes the margin test's median/MAD null is heavy-tailed: at the tests' budget a
+    vote of 10 gives the target a margin 10x every other class's and p = 0.04; the weight
+    evidence alone says 'suspicious', never 'backdoored'. A vote of 40 (margin about 50x)
+    is what the margins need for 'backdoored' at half the level."""
     model = copy.deepcopy(clean_model(seed))
     with torch.no_grad():
         model.conv1.weight[0].zero_()
         model.conv1.weight[0, :, 2:5, 2:5] = 1.0
         model.bn1.weight[0], model.bn1.bias[0] = 1.0, -4.0
-        model.fc.weight[TARGET, 0] = 10.0
+        model.fc.weight[TARGET, 0] = vote
     return model.eval()
 
 
@@ -504,9 +509,14 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "badnets-resnet"
 @pytest.mark.skipif(not (EXAMPLE / "config.json").is_file(), reason="examples/badnets-resnet not built")
 def test_bundled_example_is_flagged_with_default_settings() -> None:
     # The margins alone leave it clean (p about 0.27, class 8 close behind class 3); the
-    # BatchNorm-moment evidence names class 3 as a large outlier (otbr_hub.evidence).
+    # BatchNorm-moment evidence names class 3 as a large outlier (otbr_hub.evidence). That is
+    # a label shift, which imbalanced clean training sets show too, so it is 'suspicious'.
     result = scan_target(EXAMPLE)
-    assert result.verdict == "backdoored", result
-    assert result.backdoor.suspected_target == 3
+    assert result.verdict == "suspicious", result
+    assert result.backdoor.suspected_target == 3 and result.backdoor.p_value < 0.01
     assert result.backdoor.weight_evidence["detector"]["decided_by"] == "weights"
     assert result.backdoor.weight_evidence["detector"]["p_first"] > 0.05
+    assert "label shift towards class 3" in result.backdoor.note
+    assert exit_code(ScanReport(targets=[result]), "backdoored") == 0
+    assert exit_code(ScanReport(targets=[result]), "suspicious") == 1
+    assert "label shift" in to_markdown(ScanReport(targets=[result]))
