@@ -5,8 +5,12 @@ The rule, in order:
 1. Only ``nn.Conv2d`` (a neuron is an output channel, grouped and depthwise included)
    and ``nn.Linear`` (a neuron is an output row) are candidates, filtered by
    ``settings.layer_types``.
-2. The final classifier is left out unless ``include_classifier``: its rows are the
-   classes themselves, and pruning one removes a class rather than a feature.
+2. The class heads are left out unless ``include_classifier``: their rows are the
+   classes themselves, and pruning one removes a class rather than a feature. The heads
+   are the final classifier (:func:`classifier_name`) plus the Conv2d/Linear layers
+   registered right next to it with the same weight shape (a distillation head such as
+   DeiT's ``head_dist`` or LeViT's ``classifier_distill``), and every layer timm's
+   ``get_classifier()`` returns (see :func:`classifier_names`).
 3. Shortcut/downsample projections are left out when ``skip_shortcuts`` (as in the
    reference), recognised by name (``downsample``, ``shortcut``, ``skip``, ``proj`` of a
    residual) since they are parallel to the main path and break layer chaining.
@@ -15,9 +19,14 @@ The rule, in order:
    later feature depends on, so pruning one costs accuracy across all classes.
 5. ``include`` / ``exclude`` regexes filter by module name last.
 
+A layer whose ``weight`` is not its own registered parameter (weight normalisation or
+another parametrisation computes it in every forward pass) is never a candidate: zeroing
+or replacing the computed tensor would not change the model.
+
 Each selected layer may have *attached* per-channel tensors: its bias, and the
 BatchNorm that comes right after it in registration order, in the same parent
-module, with a matching width (a norm in the next block normalises a residual sum,
+module, with a matching width (BatchNorm2d after a conv, BatchNorm1d after a Linear,
+as in LeViT) (a norm in the next block normalises a residual sum,
 not this layer alone, so it is not attached). They
 travel with the neuron when pruning and fusing (post-activation ResNets otherwise keep
 a pruned channel alive through the BatchNorm shift).
@@ -28,6 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
@@ -59,26 +69,91 @@ class Layer:
         return getattr(self.module, "groups", 1)
 
 
+_HEADS = (nn.Linear, nn.Conv2d)
+
+
+def _last_layer(mod: nn.Module, named: dict[str, nn.Module]) -> str | None:
+    """Name of ``mod`` if it is a Conv2d/Linear, else of its last Conv2d/Linear submodule
+    (a head wrapped with a norm, like LeViT's ``NormLinear``), else None."""
+    found = None
+    for name, m in named.items():
+        if m is mod and isinstance(m, _HEADS):
+            return name
+    prefix = next((name for name, m in named.items() if m is mod), None)
+    if prefix is None:
+        return None
+    for name, m in mod.named_modules(prefix=prefix):
+        if isinstance(m, _HEADS):
+            found = name
+    return found
+
+
 def classifier_name(model: nn.Module) -> str | None:
     """Name of the final classification layer (timm ``get_classifier``, transformers ``classifier``)."""
     named = dict(model.named_modules())
     if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        for name, mod in named.items():
-            if mod is head and isinstance(mod, (nn.Linear, nn.Conv2d)):
-                return name
+        try:
+            head = model.get_classifier()
+        except Exception:  # a model's own helper failing must not stop the rule below
+            head = None
+        for h in head if isinstance(head, (tuple, list)) else (head,):
+            if isinstance(h, nn.Module):
+                name = _last_layer(h, named)
+                if name is not None:
+                    return name
     for cand in ("classifier", "head", "fc", "head.fc", "classifier.1", "linear"):
         mod = named.get(cand)
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if isinstance(mod, _HEADS):
             return cand
+    for cand in ("classifier", "head"):  # a head wrapped with a norm or dropout
+        mod = named.get(cand)
+        if mod is not None and any(isinstance(m, _HEADS) for m in mod.modules()):
+            return _last_layer(mod, named)
     last = None
     for name, mod in named.items():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if isinstance(mod, _HEADS):
             last = name
     return last
 
 
-_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+def _weight_shape(mod: nn.Module) -> tuple[int, ...] | None:
+    weight = getattr(mod, "weight", None)
+    return tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Every class head: the final classifier, the layers ``get_classifier()`` returns, and
+    the unbroken run of Conv2d/Linear layers registered right before and after the final
+    classifier with the same weight shape as the final classifier, i.e. as many classes read from the same features
+    (distillation heads: timm DeiT ``head_dist``, transformers ``distillation_classifier``,
+    SwiftFormer ``dist_head``). Empty when there is no Conv2d/Linear at all."""
+    named = dict(model.named_modules())
+    main = classifier_name(model)
+    if main is None:
+        return []
+    heads = {main}
+    if hasattr(model, "get_classifier"):
+        try:
+            got = model.get_classifier()
+        except Exception:
+            got = None
+        for h in got if isinstance(got, (tuple, list)) else (got,):
+            if isinstance(h, nn.Module):
+                name = _last_layer(h, named)
+                if name is not None:
+                    heads.add(name)
+    shape = _weight_shape(named[main])
+    order = [n for n, m in named.items() if isinstance(m, _HEADS)]
+    at = order.index(main)
+    for run in (reversed(order[:at]), order[at + 1 :]):
+        for name in run:
+            if _weight_shape(named[name]) != shape:
+                break
+            heads.add(name)
+    return [n for n in order if n in heads]
+
+
+_NORMS = {"conv": (nn.BatchNorm2d, nn.BatchNorm1d), "linear": (nn.BatchNorm1d,)}
 
 
 def _parent(name: str) -> str:
@@ -88,7 +163,7 @@ def _parent(name: str) -> str:
 def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
     """Apply the documented rule; raise if nothing is left to score."""
     kinds = {k.strip() for k in settings.layer_types.split(",")}
-    head = None if settings.include_classifier else classifier_name(model)
+    heads = set() if settings.include_classifier else set(classifier_names(model))
     inc = re.compile(settings.include) if settings.include else None
     exc = re.compile(settings.exclude) if settings.exclude else None
     modules = list(model.named_modules())
@@ -101,7 +176,7 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
             kind = "linear"
         else:
             continue
-        if kind not in kinds or name == head or mod.weight is None:
+        if kind not in kinds or name in heads or not isinstance(mod._parameters.get("weight"), nn.Parameter):
             continue
         if settings.skip_shortcuts and _SHORTCUT.search(name):
             continue
@@ -112,13 +187,12 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
         if exc and exc.search(name):
             continue
         layer = Layer(name=name, module=mod, kind=kind)
-        if kind == "conv":
-            for nname, nmod in modules[idx + 1 :]:
-                if isinstance(nmod, (nn.Conv2d, nn.Linear)):
-                    break
-                if isinstance(nmod, _NORMS) and nmod.num_features == mod.out_channels and _parent(nname) == _parent(name):
-                    layer.norm_name, layer.norm = nname, nmod
-                    break
+        for nname, nmod in modules[idx + 1 :]:
+            if isinstance(nmod, (nn.Conv2d, nn.Linear)):
+                break
+            if isinstance(nmod, _NORMS[kind]) and nmod.num_features == layer.n_out and _parent(nname) == _parent(name):
+                layer.norm_name, layer.norm = nname, nmod
+                break
         layers.append(layer)
     if not layers:
         raise UnsupportedModelError("the model has no supported layer to repair (no Conv2d/Linear outside the classifier)")
