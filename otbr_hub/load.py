@@ -149,8 +149,10 @@ def input_spec(
         n = getattr(model, "num_classes", None)
     elif lib == "transformers":
         cfg = model.config
-        c = int(getattr(cfg, "num_channels", 3) or 3)
-        size = getattr(cfg, "image_size", None)
+        # CLIP/SigLIP-style classifiers keep the image settings in their vision tower's config
+        tower = getattr(cfg, "vision_config", None)
+        c = int(getattr(cfg, "num_channels", None) or getattr(tower, "num_channels", None) or 3)
+        size = getattr(cfg, "image_size", None) or getattr(tower, "image_size", None)
         if size is None and processor_config:
             size = processor_config.get("crop_size") or processor_config.get("size")
         if size is None:
@@ -193,19 +195,76 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _infer_num_classes(model: nn.Module, c: int, h: int, w: int) -> int:
-    with eval_mode(model), torch.no_grad():
-        out = forward_logits(model, torch.zeros(1, c, h, w, dtype=next(model.parameters()).dtype))
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = forward_logits(model, torch.zeros(1, c, h, w, dtype=next(model.parameters()).dtype,
+                                                    device=model_device(model)))
+    except UnsupportedModelError:
+        raise
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"the model's forward pass fails on a {c}x{h}x{w} input ({type(err).__name__}: {_first_line(err)}); "
+            "pass input_size=(C, H, W) if its input is another size"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UnsupportedModelError("cannot tell the number of classes: the model does not return (batch, classes) logits")
     return int(out.shape[-1])
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a classifier of any supported library and return its logits."""
+    """Run a classifier of any supported library and return its logits (an output object's
+    ``logits``, or a mapping's ``"logits"`` entry, when the model returns more than a tensor)."""
     if library_of(model) == "transformers":
-        return model(pixel_values=x).logits
+        out = model(pixel_values=x)
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            raise UnsupportedModelError(f"{type(model).__name__} returns a {type(out).__name__} without logits")
+        return logits
     out = model(x)
     if hasattr(out, "logits"):
         return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
     return out
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def check_forward(model: nn.Module, spec: InputSpec) -> None:
+    """One eval-mode forward pass of a single blank input, before any real work: a model that
+    cannot run on the described input, or does not return ``(batch, num_classes)`` logits,
+    raises a one-line :class:`UnsupportedModelError` instead of failing mid-repair."""
+    if library_of(model) == "transformers":
+        import inspect
+
+        if "pixel_values" not in inspect.signature(model.forward).parameters:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not take images as pixel_values (its forward reads other inputs), "
+                "so it cannot be repaired or scanned"
+            )
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    x = spec.normalize(torch.zeros(1, spec.channels, spec.height, spec.width)).to(dtype=dtype, device=model_device(model))
+    try:
+        with eval_mode(model), torch.no_grad():
+            out = forward_logits(model, x)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"the model's forward pass fails on a {spec.channels}x{spec.height}x{spec.width} input "
+            f"({type(err).__name__}: {_first_line(err)}); pass input_size=(C, H, W) if its input is another size"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(
+            f"the model returns a {type(out).__name__}, not a tensor of class logits (nor an output with .logits)"
+        )
+    if out.dim() != 2 or tuple(out.shape) != (1, spec.num_classes):
+        raise UnsupportedModelError(
+            f"the model returns logits of shape {tuple(out.shape)} for one image, expected (1, {spec.num_classes})"
+        )
 
 
 def model_device(model: nn.Module) -> torch.device:

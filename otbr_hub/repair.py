@@ -18,7 +18,7 @@ from . import __version__
 from .errors import OtbrError, UnsupportedModelError
 from .fuse import FuseResult, fuse
 from .layers import Layer, select_layers
-from .load import LoadedModel, eval_mode, from_model, load_folder
+from .load import LoadedModel, check_forward, eval_mode, from_model, load_folder
 from .placement import release_memory, resolve_device
 from .progress import Progress
 from .prune import PruneResult, prune
@@ -160,6 +160,7 @@ def repair(
     torch.manual_seed(settings.seed)
 
     with _working_model(loaded.model, device) as work:
+        check_forward(work, spec)
         layers = select_layers(work, settings)
         with t("unlearn"):
             un = unlearn(work, spec, settings, device, progress=progress)
