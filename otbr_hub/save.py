@@ -58,6 +58,11 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
             shutil.copyfile(source.folder / "config.json", folder / "config.json")
         elif source.library == "timm":
+            if not (getattr(model, "pretrained_cfg", None) or {}).get("architecture"):
+                raise OtbrError(
+                    f"cannot save this timm {type(model).__name__} as a model folder: it was not built with "
+                    "timm.create_model, so there is no architecture name to rebuild it from"
+                )
             from timm.models import save_for_hf  # noqa: F401  (ensures timm's hub helpers are present)
             from timm.models._hub import save_config_for_hf
 
@@ -65,6 +70,9 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
             pcfg = {"input_size": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std), "num_classes": spec.num_classes}
             save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg})
         save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=shard)
+    if source.library == "transformers" and source.folder is None:
+        # an in-memory model: record the input it was repaired for (its config may not say)
+        _write_processor_config(folder / "preprocessor_config.json", source.spec)
     if source.folder is not None:
         for name in _CARRY:
             if (source.folder / name).is_file() and not (folder / name).exists():
@@ -74,6 +82,23 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         mode = "wb" if isinstance(data, bytes) else "w"
         with open(folder / name, mode) as fh:
             fh.write(data)
+
+
+def _write_processor_config(path: Path, spec: Any) -> None:
+    """A plain image processor (resize to the input size, scale to [0, 1], normalise with the
+    input's mean/std): exactly what the engine assumed, and what :func:`otbr_hub.load.load_folder`
+    reads the input size and normalisation back from."""
+    config = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": spec.height, "width": spec.width},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
