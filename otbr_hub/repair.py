@@ -26,7 +26,7 @@ from .ratio import RatioChoice, choose_ratio
 from .score import Scores, neuron_weight_change
 from .settings import RepairSettings, preset
 from .unlearn import unlearn
-from .verify import Verification, agreement, synthesize_inputs, verify
+from .verify import Verification, agreement, predictions, synthesize_inputs, verify
 
 
 @dataclass
@@ -181,6 +181,7 @@ def repair(
 
         with t("verify"):
             probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed)
+            reference = predictions(work, spec, probe)  # the original's answers, reused for every candidate
         scan_before = scan_after = None
         if settings.prune_ratio == "auto":
             det_fn, flagged = _detector(detector, work, spec, settings, t)
@@ -189,7 +190,7 @@ def repair(
                 choice, fused_model = choose_ratio(
                     settings.grid(),
                     build,
-                    lambda m: agreement(work, m, spec, probe),
+                    lambda m: agreement(work, m, spec, probe, reference),
                     settings.min_agreement,
                     settings.fallback_ratio,
                     detector=det_fn,
@@ -208,7 +209,7 @@ def repair(
             scan_after = _last_scan(det_fn)
 
         with t("verify"):
-            check: Verification = verify(work, fused_model, spec, inputs=probe)
+            check: Verification = verify(work, fused_model, spec, inputs=probe, reference=reference)
         if not check.ok:
             raise OtbrError(f"the repaired model failed verification: {'; '.join(check.problems)}")
 

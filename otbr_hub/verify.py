@@ -89,11 +89,15 @@ def _inference_batch(model: nn.Module, spec: InputSpec) -> int:
     return min(128, 4 * images_per_pass(model, spec))
 
 
-def agreement(original: nn.Module, repaired: nn.Module, spec: InputSpec, x: torch.Tensor) -> float:
+def agreement(original: nn.Module, repaired: nn.Module, spec: InputSpec, x: torch.Tensor,
+              reference: torch.Tensor | None = None) -> float:
     """Share of inputs on which both models predict the same class (same architecture, so
-    one measured batch size serves both)."""
+    one measured batch size serves both). ``reference``: the original's predictions on ``x``,
+    when already known (the ratio walk compares many candidates with the same original)."""
     batch = _inference_batch(original, spec)
-    return float((predictions(original, spec, x, batch) == predictions(repaired, spec, x, batch)).float().mean())
+    if reference is None:
+        reference = predictions(original, spec, x, batch)
+    return float((reference == predictions(repaired, spec, x, batch)).float().mean())
 
 
 def compare_state_dicts(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], *, check_dtype: bool = True) -> list[str]:
@@ -116,14 +120,16 @@ def compare_state_dicts(reference: dict[str, torch.Tensor], candidate: dict[str,
     return problems
 
 
-def verify(original: nn.Module, repaired: nn.Module, spec: InputSpec, *, inputs: torch.Tensor | None = None, samples: int = 256, seed: int = 0) -> Verification:
-    """Structure, finiteness, a forward pass, and agreement with the original."""
+def verify(original: nn.Module, repaired: nn.Module, spec: InputSpec, *, inputs: torch.Tensor | None = None, samples: int = 256, seed: int = 0,
+           reference: torch.Tensor | None = None) -> Verification:
+    """Structure, finiteness, a forward pass, and agreement with the original (``reference``:
+    the original's predictions on ``inputs``, if already computed)."""
     problems = compare_state_dicts(original.state_dict(), repaired.state_dict(), check_dtype=False)
     agree = None
     try:
         if inputs is None:
             inputs = synthesize_inputs(original, spec, samples, seed=seed)
-        agree = agreement(original, repaired, spec, inputs)
+        agree = agreement(original, repaired, spec, inputs, reference)
         with torch.no_grad():
             logits = forward_logits(repaired.eval(), spec.normalize(inputs[:2].to(model_device(repaired))))
         if logits.shape[-1] != spec.num_classes:

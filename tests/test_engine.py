@@ -524,6 +524,26 @@ def test_synthesized_inputs_do_not_depend_on_slicing():
     torch.testing.assert_close(synthesize_inputs(model, spec, 10, seed=3), synthesize_inputs(model, spec, 10, seed=3, chunk=3))
 
 
+def test_agreement_with_known_reference_predictions_is_the_same():
+    """The ratio walk passes the original's predictions once instead of recomputing them for
+    every candidate; that must not change the agreement."""
+    from otbr_hub.verify import agreement, predictions, verify
+
+    model = small_cnn()
+    spec = from_model(model, input_size=(3, 8, 8)).spec
+    other = small_cnn()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    x = torch.rand(64, 3, 8, 8, generator=gen)
+    ref = predictions(model, spec, x)
+    plain = agreement(model, other, spec, x)
+    assert 0 < plain < 1  # the perturbed copy disagrees on some inputs, so the check has teeth
+    assert agreement(model, other, spec, x, ref) == plain
+    assert verify(model, other, spec, inputs=x, reference=ref).agreement == plain
+
+
 def test_default_slices_follow_the_activation_budget():
     from otbr_hub.placement import activation_bytes_per_image, images_per_pass
 
