@@ -18,7 +18,8 @@ What differs from the published procedure, and why:
   classes' margins. With ten classes that fit rests on nine numbers; when they happen to be
   tightly clustered, the fitted Gamma has a thin tail and an ordinary, slightly larger class
   looks significant (the false positive seen on a clean ResNet). ``method="robust"`` also
-  computes a median/MAD outlier score of the log-margins, with the spread floored at the
+  computes an outlier score of the log-margins (top class against the mean and sd of the
+  others since session 3; median and MAD before, ``margin_scale="mad"``), with the spread floored at the
   run-to-run noise of the optimiser and a p-value from the exact null distribution of that
   studentized maximum for K i.i.d. Gaussian log-margins (seeded Monte Carlo, which accounts
   for estimating centre and spread from few classes and for the top being the largest of
@@ -35,7 +36,7 @@ What differs from the published procedure, and why:
 while natural class evidence usually needs much of the image. For every class a Neural
 Cleanse mask and pattern, shared by a batch of synthetic backgrounds the model makes itself,
 is shrunk until it barely keeps flipping 90 % of them; the class with the smallest mask is
-tested against the others' log sizes with the same median/MAD rule as above (one-sided).
+tested against the others' log sizes with a median/MAD form of the rule above (one-sided).
 It finds whole-image triggers (blended, low-frequency, some warping) that the margins miss,
 but on the Fashion-MNIST zoo it also flags clean models, whose "bag"/"shirt"/"trouser"
 classes have natural few-pixel universal shortcuts, so it is not the default.
@@ -104,7 +105,7 @@ class DetectSettings:
     """Where to run; None means where the model's parameters already are. The model is moved
     back afterwards if it had to be moved."""
     method: Method = "robust"
-    """'robust' (Gamma p-value and median/MAD score must both agree), 'mmbd' (Gamma only) or
+    """'robust' (Gamma p-value and outlier score must both agree), 'mmbd' (Gamma only) or
     'trigger' (universal-trigger search, see :func:`universal_trigger`)."""
     max_classes: int = 64
     """Largest number of classes that get the full optimisation. Models with more classes are
@@ -126,9 +127,13 @@ class DetectSettings:
     alpha_suspicious: float = 0.05
     """p-value below which the verdict is at least 'suspicious'."""
     min_log_spread: float = 0.1
-    """Floor on the robust spread (1.4826 MAD) of the log-margins. Repeating the search with
+    """Floor on the spread (sd, or 1.4826 MAD) of the log-margins. Repeating the search with
     other seeds moves a class's log-margin by a few hundredths to a tenth, so spreads below
     that are optimiser noise, not evidence that the classes agree."""
+    margin_scale: Literal["sd", "mad"] = "sd"
+    """'robust' method's outlier score of the log-margins: against the mean and sd of the other
+    classes (:func:`outlier_p_value`, default since session 3) or their median and MAD
+    (:func:`robust_p_value`, the earlier default, weaker with ten classes)."""
     trigger_backgrounds: int = 20
     """'trigger': synthetic background images every class's trigger must flip (class-balanced)."""
     trigger_steps: int = 120
@@ -162,6 +167,8 @@ class DetectSettings:
             raise ValueError("need 0 < alpha_backdoored <= alpha_suspicious < 1")
         if self.method not in ("robust", "mmbd", "trigger"):
             raise ValueError(f"unknown method {self.method!r}")
+        if self.margin_scale not in ("sd", "mad"):
+            raise ValueError(f"margin_scale must be 'sd' or 'mad', not {self.margin_scale!r}")
         if self.trigger_backgrounds < 2 or self.trigger_steps < 1 or self.trigger_screen_backgrounds < 1:
             raise ValueError("trigger search needs at least 2 backgrounds and 1 step")
         if not 0 < self.trigger_flip <= 1:
@@ -214,10 +221,11 @@ class Detection:
     """MM-BD's p-value: 1 - F(r_max)^K under a Gamma fitted to the null classes (loc = 0);
     None for 'trigger'."""
     p_robust: float | None
-    """P(top class this far out) for the median/MAD outlier score of the log-statistics, from
-    its Monte Carlo null for K i.i.d. Gaussian classes (:func:`robust_p_value`); None for 'mmbd'."""
+    """P(top class this far out) for the outlier score of the log-statistics (mean/sd for the
+    margins by default, median/MAD for triggers), from its Monte Carlo null for K i.i.d.
+    Gaussian classes (:func:`outlier_p_value`, :func:`robust_p_value`); None for 'mmbd'."""
     robust_z: float | None
-    """How many robust spreads the top class's log-statistic lies beyond the null's median."""
+    """How many (floored) spreads the top class's log-statistic lies beyond the others' centre."""
     method: Method
     thresholds: dict[str, float]
     num_classes: int
@@ -379,6 +387,27 @@ def gamma_p_value(r_max: float, null: np.ndarray, k: int) -> float:
     return _at_least_one(float(stats.gamma.sf(r_max, shape, loc=0, scale=scale)), k)
 
 
+def outlier_p_value(r_max: float, null: np.ndarray, k: int, min_spread: float) -> tuple[float, float]:
+    """Outlier score of log r_max against the null's mean and standard deviation (floored), and
+    its p-value: the margin test's default since session 3.
+
+    Same construction as :func:`robust_p_value` (exact Monte Carlo null of this studentized
+    maximum for k i.i.d. Gaussian classes, the top of all k against the n classes in ``null``),
+    with the mean and sd of the others instead of their median and MAD. With ten classes the
+    MAD of nine values is so noisy that its null is very heavy-tailed: a target margin 10x every
+    other class's got p = 0.04, and it took about 50x for p < 0.005. The sd is the efficient
+    scale under that null; a second high class (another target, or a naturally easy class) or
+    a badly converged low one inflates it, which only lowers z. On the stored zoo margins it
+    named the right class more often at the same false-alarm rate (``benchmarks/DETECT_NOTES.md``,
+    "Mean/sd margin test").
+    """
+    n = len(null)
+    logs = np.log(null)
+    spread = max(float(logs.std(ddof=1)) if n > 1 else 0.0, min_spread, 1e-12)
+    z = (math.log(r_max) - float(logs.mean())) / spread
+    return max_outlier_p_value(z, n + 1, of=max(k, n + 1)), z
+
+
 def robust_p_value(r_max: float, null: np.ndarray, k: int, min_spread: float) -> tuple[float, float]:
     """Outlier score of log r_max against the null's median and MAD (floored), and its p-value.
 
@@ -417,7 +446,8 @@ def decide(result: MarginResult, settings: DetectSettings | None = None) -> Dete
         p_gamma, p_rob, z = 1.0, None, None
     else:
         p_gamma = gamma_p_value(r_max, null, k)
-        p_rob, z = robust_p_value(r_max, null, k, s.min_log_spread) if s.method == "robust" else (None, None)
+        outlier = outlier_p_value if s.margin_scale == "sd" else robust_p_value
+        p_rob, z = outlier(r_max, null, k, s.min_log_spread) if s.method == "robust" else (None, None)
     p = p_gamma if p_rob is None else max(p_gamma, p_rob)
     verdict: Verdict = "backdoored" if p < s.alpha_backdoored else "suspicious" if p < s.alpha_suspicious else "clean"
     return Detection(

@@ -23,8 +23,9 @@ lies above their mean, with a p-value from the exact distribution of that maximu
 i.i.d. Gaussian classes (Monte Carlo, seeded, :func:`max_outlier_p_value`). The median/MAD
 rule with a Student-t tail then used for the margins was tried first and dropped here: with ten
 classes the MAD of nine values is so noisy that, by simulation, a Gaussian null crosses its
-p < 0.01 line 6.8 % of the time (15.6 % for 0.05). The margin test now uses the same Monte
-Carlo null for its median/MAD statistic (``max_outlier_p_value(..., robust=True)``).
+p < 0.01 line 6.8 % of the time (15.6 % for 0.05). The margin test now uses the same mean/sd
+statistic and Monte Carlo null (the trigger test keeps a median/MAD form,
+``max_outlier_p_value(..., robust=True)``).
 
 Measured on the Fashion-MNIST zoo (``benchmarks/DETECT_NOTES.md``): the top class is the
 target in every dirty-label model (ResNet, ConvNeXt, ViT) and no clean model reaches
@@ -102,19 +103,22 @@ def _null_max_z(n: int, draws: int = NULL_DRAWS, seed: int = 0, robust: bool = F
     """Sorted null sample of the studentized maximum for i.i.d. standard normals.
 
     Default: (max - mean(rest)) / sd(rest) over n values. ``robust``: (max - median(rest)) /
-    (1.4826 MAD(rest)), where the maximum is taken over ``of`` >= n values (default n) and
-    rest is n - 1 of the others, drawn uniformly (the margin test's null after screening:
-    the top of all K classes against a random sample of them). Drawn exactly: the maximum of
-    ``of`` normals from its distribution Phi^of, the rest i.i.d. below it.
+    (1.4826 MAD(rest)). ``of`` (>= n): the maximum is taken over ``of`` values and rest is
+    n - 1 of the others, drawn uniformly (the margin test's null after screening: the top of
+    all K classes against a random sample of them). Drawn exactly: the maximum of ``of``
+    normals from its distribution Phi^of, the rest i.i.d. below it.
     """
     rng = np.random.default_rng(seed)
-    if robust:
-        m = int(of or n)
+    m = int(of or n)
+    if robust or m > n:
         top = -special.ndtri(-np.expm1(np.log(rng.random(draws)) / m))  # Phi^-1(U^(1/m)), accurate near 1
         rest = special.ndtri(rng.random((draws, n - 1)) * special.ndtr(top)[:, None])
-        med = np.median(rest, axis=1)
-        mad = 1.4826 * np.median(np.abs(rest - med[:, None]), axis=1)
-        return np.sort((top - med) / mad)
+        if robust:
+            centre = np.median(rest, axis=1)
+            scale = 1.4826 * np.median(np.abs(rest - centre[:, None]), axis=1)
+        else:
+            centre, scale = rest.mean(1), rest.std(1, ddof=1)
+        return np.sort((top - centre) / scale)
     out = []
     rows = max(1, 2_000_000 // n)
     for start in range(0, draws, rows):
@@ -132,12 +136,12 @@ def max_outlier_p_value(z: float, n: int, robust: bool = False, of: int | None =
     lowers the observed z, which keeps the test conservative. ``robust`` uses median and
     1.4826 MAD of the rest instead, and ``of`` (>= n) is the number of classes the maximum
     was taken over when the rest is only a sample of them (see :func:`_null_max_z`); the
-    margin test of :mod:`otbr_hub.detect` uses this form.
+    tests of :mod:`otbr_hub.detect` use both forms.
     """
     if n < 3:
         return 1.0
     of = None if of is None or int(of) <= int(n) else int(of)
-    null = _null_max_z(int(n), robust=robust, of=of) if robust else _null_max_z(int(n))
+    null = _null_max_z(int(n), robust=robust, of=of)
     above = len(null) - int(np.searchsorted(null, z, side="left"))
     return (1 + above) / (len(null) + 1)
 

@@ -20,6 +20,7 @@ from otbr_hub.detect import (
     decide_trigger,
     detect,
     max_margin,
+    outlier_p_value,
     robust_p_value,
     universal_trigger,
 )
@@ -477,22 +478,25 @@ def _binomial_slack(p: float, n: int) -> float:
 
 
 @pytest.mark.parametrize("k", [10, 64])
-def test_robust_margin_p_value_is_calibrated_under_a_gaussian_null(k: int) -> None:
-    """With the spread floor out of play (sd 1), the robust p-value has its nominal rate under
-    K i.i.d. Gaussian log-margins (draws independent of the seeded null sample). The
-    Student-t tail it replaced gave 6.8 % below 0.01 and 16 % below 0.05 at K = 10."""
+@pytest.mark.parametrize("test", [outlier_p_value, robust_p_value], ids=["sd", "mad"])
+def test_margin_outlier_p_values_are_calibrated_under_a_gaussian_null(k: int, test) -> None:
+    """With the spread floor out of play (sd 1), both outlier p-values (mean/sd, the default,
+    and median/MAD) have their nominal rate under K i.i.d. Gaussian log-margins (draws
+    independent of the seeded null sample). The Student-t tail they replaced gave 6.8 % below
+    0.01 and 16 % below 0.05 at K = 10."""
     rng = np.random.default_rng(2026)
     n = 3000
     ps = []
     for _ in range(n):
         m = np.sort(_null_margins(rng, k, 1.0))
-        ps.append(robust_p_value(float(m[-1]), m[:-1], k, min_spread=0.1)[0])
+        ps.append(test(float(m[-1]), m[:-1], k, min_spread=0.1)[0])
     p = np.asarray(ps)
     for a in (0.01, 0.05, 0.2):
         assert abs(float((p < a).mean()) - a) < _binomial_slack(a, n), (a, float((p < a).mean()))
 
 
-def test_robust_margin_p_value_is_calibrated_after_screening() -> None:
+@pytest.mark.parametrize("test", [outlier_p_value, robust_p_value], ids=["sd", "mad"])
+def test_margin_outlier_p_values_are_calibrated_after_screening(test) -> None:
     """K = 1000 classes, the top of all of them against a random sample of 48 (as after
     screening): the null uses the maximum of K, not of the sample."""
     rng = np.random.default_rng(7)
@@ -502,7 +506,7 @@ def test_robust_margin_p_value_is_calibrated_after_screening() -> None:
         m = _null_margins(rng, k, 1.0)
         top = int(np.argmax(m))
         sample = [c for c in rng.choice(k, size=48, replace=False) if c != top]
-        ps.append(robust_p_value(float(m[top]), m[sample], k, min_spread=0.1)[0])
+        ps.append(test(float(m[top]), m[sample], k, min_spread=0.1)[0])
     p = np.asarray(ps)
     for a in (0.01, 0.05):
         assert abs(float((p < a).mean()) - a) < _binomial_slack(a, n), (a, float((p < a).mean()))
@@ -517,3 +521,18 @@ def test_default_decision_does_not_exceed_its_level_on_clean_nulls() -> None:
     ps = np.array([decide(_result(dict(enumerate(_null_margins(rng, 10, 0.3).tolist())))).p_value for _ in range(n)])
     for a in (0.01, 0.05):
         assert float((ps < a).mean()) < a + _binomial_slack(a, n), (a, float((ps < a).mean()))
+
+
+def test_mean_sd_margin_test_sees_a_tenfold_margin_that_the_mad_form_misses() -> None:
+    """The margins the scan tests' handcrafted trigger model reached at their budget (target
+    3 about 10x the others): the default mean/sd form says 'backdoored' even at half the level
+    (as when the weight evidence is also tested), the median/MAD form of nine values does not
+    (its null is very heavy-tailed at ten classes)."""
+    margins = {0: 12.5, 1: 12.5, 2: 13.3, 3: 132.3, 4: 8.5, 5: 15.5, 6: 8.8, 7: 8.4, 8: 11.8, 9: 7.7}
+    result = MarginResult(margins=margins, null_classes=list(range(10)), num_classes=10)
+    sd = decide(result, DetectSettings())
+    mad = decide(result, DetectSettings(margin_scale="mad"))
+    assert sd.verdict == "backdoored" and sd.suspected_target == 3 and sd.p_value < 0.005
+    assert mad.p_value > 0.01 and mad.verdict != "backdoored"
+    with pytest.raises(ValueError, match="margin_scale"):
+        DetectSettings(margin_scale="iqr")  # type: ignore[arg-type]

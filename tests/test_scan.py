@@ -77,13 +77,12 @@ def clean_model(seed: int = 0, gain: float = 4.0) -> nn.Module:
     return model.eval()
 
 
-def backdoored_model(seed: int = 0, vote: float = 40.0) -> nn.Module:
+def backdoored_model(seed: int = 0, vote: float = 10.0) -> nn.Module:
     """The clean model plus a white-square detector on channel 0 that votes for TARGET.
 
-    With ten classes the margin test's median/MAD null is heavy-tailed: at the tests' budget a
-    vote of 10 gives the target a margin 10x every other class's and p = 0.04; the weight
-    evidence alone says 'suspicious', never 'backdoored'. A vote of 40 (margin about 50x)
-    is what the margins need for 'backdoored' at half the level."""
+    At the tests' budget the target's margin is about 10x every other class's: the margin
+    test (mean/sd form) alone says 'backdoored' (p ~ 1e-4); its earlier median/MAD form gave
+    p = 0.04 here, and the weight evidence alone may only say 'suspicious'."""
     model = copy.deepcopy(clean_model(seed))
     with torch.no_grad():
         model.conv1.weight[0].zero_()

@@ -1,8 +1,18 @@
 """Default scan verdicts before and after capping weights-only findings at 'suspicious',
-from the stored margins_dump.py output. Usage: python verdicts.py logs/margins.json"""
+from the stored margins_dump.py output. Usage: python verdicts.py logs/margins.json [--sd]
+(--sd: recompute the margin p-value from the stored margins with the mean/sd outlier test)"""
 import json, sys
+import numpy as np
 A_B, A_S = 0.01, 0.05
 rows = json.load(open(sys.argv[1]))
+if "--sd" in sys.argv:
+    from otbr_hub.detect import gamma_p_value, outlier_p_value
+    for r in rows:
+        v = {c: m for c, m in enumerate(r["margins"]) if m is not None}
+        top = max(v, key=v.get)
+        null = np.array([m for c, m in v.items() if c != top and m > 0])
+        r["p_margin"] = max(gamma_p_value(v[top], null, 10), outlier_p_value(v[top], null, 10, 0.1)[0])
+        r["margin_top"] = top
 
 def union(r):
     pm, pw = r["p_margin"], r["w_p"]
