@@ -195,5 +195,8 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
                 break
         layers.append(layer)
     if not layers:
-        raise UnsupportedModelError("the model has no supported layer to repair (no Conv2d/Linear outside the classifier)")
+        raise UnsupportedModelError(
+            "the model has no supported layer to repair (no Conv2d/Linear with its own weight parameter outside the "
+            "class heads; weights computed by weight norm or a parametrization cannot be pruned)"
+        )
     return layers
