@@ -31,7 +31,8 @@ class RepairSettings:
     seed: int = _opt(0, "random seed for noise, labels and detection")
     # random unlearning
     unlearn_steps: int = _opt(20, "gradient-ascent steps on random noise")
-    unlearn_batch: int = _opt(256, "noise images per unlearning step")
+    unlearn_batch: int = _opt(128, "noise images per unlearning step (the paper, and --preset paper: 256; "
+                                   "128 ranks neurons and repairs as well, at half the cost: benchmarks/SPEED_NOTES.md)")
     unlearn_lr: float = _opt(1e-4, "SGD learning rate for unlearning")
     unlearn_momentum: float = _opt(0.9, "SGD momentum for unlearning")
     normalize_noise: bool = _opt(True, "normalise the [0,1] noise with the model's mean/std before the forward pass")
