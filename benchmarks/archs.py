@@ -9,7 +9,7 @@ transformers ``*ForImageClassification`` models from tiny configs. For each case
   logits of the right width on random inputs;
 * ``auto``: the same with ``prune_ratio="auto"`` (detector off, so the ratio walk and
   the agreement guard are what is exercised; ``--auto-detector`` turns the margin detector on);
-* ``scan``: ``otbr_hub.scan.scan(model)`` with a small detector budget; checked: a verdict
+* ``scan``: ``otbr_hub.scan(model)`` with a small detector budget; checked: a verdict
   (clean / suspicious / backdoored), not an error or a skip;
 * ``save``: the repaired model saved with :func:`otbr_hub.save.save_model` and read back with
   :func:`otbr_hub.load.load_folder` (timm and transformers only); checked: same class,

@@ -519,3 +519,15 @@ def test_bundled_example_is_flagged_with_default_settings() -> None:
     assert exit_code(ScanReport(targets=[result]), "backdoored") == 0
     assert exit_code(ScanReport(targets=[result]), "suspicious") == 1
     assert "label shift" in to_markdown(ScanReport(targets=[result]))
+
+
+def test_top_level_python_api_scans_in_memory_models_and_folders(folders) -> None:
+    """``otbr_hub.scan(model_or_id)`` as the issue names it: the package exports the function."""
+    import otbr_hub
+
+    report = otbr_hub.scan(backdoored_model(), folders["clean"], settings=FAST, input_size=INPUT, mean=MEAN, std=STD)
+    assert isinstance(report, otbr_hub.ScanReport)
+    bad, clean = report.targets
+    assert (bad.target, bad.verdict, bad.backdoor.suspected_target) == ("<in-memory>", "backdoored", TARGET)
+    assert clean.verdict == "clean" and clean.source == "folder"
+    assert isinstance(otbr_hub.DetectSettings(), DetectSettings)
