@@ -19,7 +19,7 @@ What differs from the published procedure, and why:
   tightly clustered, the fitted Gamma has a thin tail and an ordinary, slightly larger class
   looks significant (the false positive seen on a clean ResNet). ``method="robust"`` also
   computes an outlier score of the log-margins (top class against the mean and sd of the
-  others since session 3; median and MAD before, ``margin_scale="mad"``), with the spread floored at the
+  others by default; their median and MAD with ``margin_scale="mad"``), with the spread floored at the
   run-to-run noise of the optimiser and a p-value from the exact null distribution of that
   studentized maximum for K i.i.d. Gaussian log-margins (seeded Monte Carlo, which accounts
   for estimating centre and spread from few classes and for the top being the largest of
@@ -132,8 +132,8 @@ class DetectSettings:
     that are optimiser noise, not evidence that the classes agree."""
     margin_scale: Literal["sd", "mad"] = "sd"
     """'robust' method's outlier score of the log-margins: against the mean and sd of the other
-    classes (:func:`outlier_p_value`, default since session 3) or their median and MAD
-    (:func:`robust_p_value`, the earlier default, weaker with ten classes)."""
+    classes (:func:`outlier_p_value`, the default) or their median and MAD
+    (:func:`robust_p_value`, the rule of otbr-hub's first scans, weaker with ten classes)."""
     trigger_backgrounds: int = 20
     """'trigger': synthetic background images every class's trigger must flip (class-balanced)."""
     trigger_steps: int = 120
@@ -209,7 +209,9 @@ class Detection:
 
     verdict: Verdict
     p_value: float
-    """The p-value the verdict is based on (the larger of the two for 'robust')."""
+    """The p-value the verdict is based on: the first test's own for 'backdoored'; with the
+    weight evidence otherwise the Bonferroni union of both (so a weights-only finding can have
+    p below ``alpha_backdoored`` and still be 'suspicious', see ``note``)."""
     suspected_target: int | None
     """The most anomalous class, when the verdict is not 'clean'."""
     top_class: int
@@ -389,7 +391,7 @@ def gamma_p_value(r_max: float, null: np.ndarray, k: int) -> float:
 
 def outlier_p_value(r_max: float, null: np.ndarray, k: int, min_spread: float) -> tuple[float, float]:
     """Outlier score of log r_max against the null's mean and standard deviation (floored), and
-    its p-value: the margin test's default since session 3.
+    its p-value: the margin test's default.
 
     Same construction as :func:`robust_p_value` (exact Monte Carlo null of this studentized
     maximum for k i.i.d. Gaussian classes, the top of all k against the n classes in ``null``),
@@ -436,13 +438,15 @@ def decide(result: MarginResult, settings: DetectSettings | None = None) -> Dete
     s = settings or DetectSettings()
     classes = sorted(result.margins)
     values = np.array([result.margins[c] for c in classes], dtype=np.float64)
+    values = np.where(np.isfinite(values), values, -np.inf)  # a NaN margin says nothing; never the top
     top = classes[int(np.argmax(values))]
     r_max = float(values.max())
     # A class the search never made win (margin <= 0) says nothing about how far a winning
     # class can be pushed, and has no logarithm; it is left out of the null.
-    null = np.array([result.margins[c] for c in result.null_classes if c != top and result.margins[c] > 0])
+    null = np.array([result.margins[c] for c in result.null_classes
+                     if c != top and math.isfinite(result.margins[c]) and result.margins[c] > 0])
     k = result.num_classes
-    if r_max <= 0 or len(null) < 3:
+    if not r_max > 0 or not math.isfinite(r_max) or len(null) < 3:
         p_gamma, p_rob, z = 1.0, None, None
     else:
         p_gamma = gamma_p_value(r_max, null, k)
@@ -663,18 +667,19 @@ def _add_weight_evidence(det: Detection, ev: WeightEvidence, s: DetectSettings) 
     models with one class two or three times as common as the others reached the same
     p-values as the backdoored ones, on the over-represented class every time
     (``benchmarks/DETECT_NOTES.md``, "Imbalanced labels"). So the weights alone make a model
-    at most 'suspicious'; 'backdoored' needs the first test (margins or triggers), at its
-    half of the level.
+    at most 'suspicious'; 'backdoored' needs the first test (margins or triggers) below
+    ``alpha_backdoored`` on its own. Only that one test can give 'backdoored', so it keeps
+    its whole level there (the verdict and p-value are the same as without the weights);
+    'suspicious' is the union of both tests, each at half its level (Bonferroni).
     """
     det.p_first = det.p_value
     det.weight_evidence = ev.to_dict()
-    c = combine(det.p_value, det.top_class, ev, first=det.decided_by)
-    first_name = det.decided_by
-    first_adjusted = c.p_value if c.source == first_name else min(1.0, 2.0 * det.p_value)
+    first_name, first_p = det.decided_by, det.p_value
+    c = combine(det.p_value, det.top_class, ev, first=first_name)
     det.p_value, det.decided_by = c.p_value, c.source
-    if first_adjusted < s.alpha_backdoored:
+    if first_p < s.alpha_backdoored:
         det.verdict, det.suspected_target = "backdoored", det.top_class
-        det.p_value, det.decided_by = first_adjusted, first_name
+        det.p_value, det.decided_by = first_p, first_name
     elif c.p_value < s.alpha_suspicious:
         det.verdict, det.suspected_target = "suspicious", c.target
     else:

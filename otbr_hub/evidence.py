@@ -138,7 +138,7 @@ def max_outlier_p_value(z: float, n: int, robust: bool = False, of: int | None =
     was taken over when the rest is only a sample of them (see :func:`_null_max_z`); the
     tests of :mod:`otbr_hub.detect` use both forms.
     """
-    if n < 3:
+    if n < 3 or math.isnan(z):
         return 1.0
     of = None if of is None or int(of) <= int(n) else int(of)
     null = _null_max_z(int(n), robust=robust, of=of)

@@ -91,16 +91,9 @@ def _last_layer(mod: nn.Module, named: dict[str, nn.Module]) -> str | None:
 def classifier_name(model: nn.Module) -> str | None:
     """Name of the final classification layer (timm ``get_classifier``, transformers ``classifier``)."""
     named = dict(model.named_modules())
-    if hasattr(model, "get_classifier"):
-        try:
-            head = model.get_classifier()
-        except Exception:  # a model's own helper failing must not stop the rule below
-            head = None
-        for h in head if isinstance(head, (tuple, list)) else (head,):
-            if isinstance(h, nn.Module):
-                name = _last_layer(h, named)
-                if name is not None:
-                    return name
+    declared = _declared_heads(model, named)
+    if declared:
+        return declared[0]
     for cand in ("classifier", "head", "fc", "head.fc", "classifier.1", "linear"):
         mod = named.get(cand)
         if isinstance(mod, _HEADS):
@@ -116,6 +109,28 @@ def classifier_name(model: nn.Module) -> str | None:
     return last
 
 
+def _declared_heads(model: nn.Module, named: dict[str, nn.Module]) -> list[str]:
+    """Names of the layers the model's own ``get_classifier()`` returns (timm), in its order."""
+    if not hasattr(model, "get_classifier"):
+        return []
+    try:
+        got = model.get_classifier()
+    except Exception:  # a model's own helper failing must not stop the rules that follow
+        return []
+    names = []
+    for h in got if isinstance(got, (tuple, list)) else (got,):
+        if isinstance(h, nn.Module):
+            name = _last_layer(h, named)
+            if name is not None:
+                names.append(name)
+    return names
+
+
+_HEAD_HINTS = ("dist", "teacher", "head", "classifier")
+"""Name parts of a second class head next to the classifier; a hidden layer that merely has
+the classifier's shape (hidden width = number of classes) has none of them."""
+
+
 def _weight_shape(mod: nn.Module) -> tuple[int, ...] | None:
     weight = getattr(mod, "weight", None)
     return tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
@@ -124,30 +139,21 @@ def _weight_shape(mod: nn.Module) -> tuple[int, ...] | None:
 def classifier_names(model: nn.Module) -> list[str]:
     """Every class head: the final classifier, the layers ``get_classifier()`` returns, and
     the unbroken run of Conv2d/Linear layers registered right before and after the final
-    classifier with the same weight shape as the final classifier, i.e. as many classes read from the same features
-    (distillation heads: timm DeiT ``head_dist``, transformers ``distillation_classifier``,
-    SwiftFormer ``dist_head``). Empty when there is no Conv2d/Linear at all."""
+    classifier with the same weight shape as the final classifier and a head-like name
+    (:data:`_HEAD_HINTS`), i.e. as many classes read from the same features (distillation
+    heads: timm DeiT ``head_dist``, transformers ``distillation_classifier``, SwiftFormer
+    ``dist_head``). Empty when there is no Conv2d/Linear at all."""
     named = dict(model.named_modules())
     main = classifier_name(model)
     if main is None:
         return []
-    heads = {main}
-    if hasattr(model, "get_classifier"):
-        try:
-            got = model.get_classifier()
-        except Exception:
-            got = None
-        for h in got if isinstance(got, (tuple, list)) else (got,):
-            if isinstance(h, nn.Module):
-                name = _last_layer(h, named)
-                if name is not None:
-                    heads.add(name)
+    heads = {main, *_declared_heads(model, named)}
     shape = _weight_shape(named[main])
     order = [n for n, m in named.items() if isinstance(m, _HEADS)]
     at = order.index(main)
     for run in (reversed(order[:at]), order[at + 1 :]):
         for name in run:
-            if _weight_shape(named[name]) != shape:
+            if _weight_shape(named[name]) != shape or not any(h in name.lower() for h in _HEAD_HINTS):
                 break
             heads.add(name)
     return [n for n in order if n in heads]

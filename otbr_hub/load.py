@@ -15,7 +15,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import OtbrError, UnsupportedModelError
 
 Library = Literal["timm", "transformers", "torch"]
 
@@ -202,10 +202,7 @@ def _infer_num_classes(model: nn.Module, c: int, h: int, w: int) -> int:
     except UnsupportedModelError:
         raise
     except Exception as err:
-        raise UnsupportedModelError(
-            f"the model's forward pass fails on a {c}x{h}x{w} input ({type(err).__name__}: {_first_line(err)}); "
-            "pass input_size=(C, H, W) if its input is another size"
-        ) from None
+        raise _forward_failure(err, c, h, w) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UnsupportedModelError("cannot tell the number of classes: the model does not return (batch, classes) logits")
     return int(out.shape[-1])
@@ -232,6 +229,17 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
+def _forward_failure(err: BaseException, c: int, h: int, w: int) -> OtbrError:
+    """One line for a forward pass that raised: out of memory is said as such (a smaller
+    input size would be the wrong advice), anything else suggests the input size."""
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return OtbrError(f"out of memory running one {c}x{h}x{w} image through the model ({_first_line(err)})")
+    return UnsupportedModelError(
+        f"the model's forward pass fails on a {c}x{h}x{w} input ({type(err).__name__}: {_first_line(err)}); "
+        "pass input_size=(C, H, W) if its input is another size"
+    )
+
+
 def check_forward(model: nn.Module, spec: InputSpec) -> None:
     """One eval-mode forward pass of a single blank input, before any real work: a model that
     cannot run on the described input, or does not return ``(batch, num_classes)`` logits,
@@ -253,10 +261,7 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
     except UnsupportedModelError:
         raise
     except Exception as err:
-        raise UnsupportedModelError(
-            f"the model's forward pass fails on a {spec.channels}x{spec.height}x{spec.width} input "
-            f"({type(err).__name__}: {_first_line(err)}); pass input_size=(C, H, W) if its input is another size"
-        ) from None
+        raise _forward_failure(err, spec.channels, spec.height, spec.width) from None
     if not isinstance(out, torch.Tensor):
         raise UnsupportedModelError(
             f"the model returns a {type(out).__name__}, not a tensor of class logits (nor an output with .logits)"
@@ -265,6 +270,8 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
         raise UnsupportedModelError(
             f"the model returns logits of shape {tuple(out.shape)} for one image, expected (1, {spec.num_classes})"
         )
+    if not torch.isfinite(out).all():
+        raise UnsupportedModelError("the model returns non-finite logits (NaN or inf) for a blank image; its weights may be corrupt")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -259,8 +259,19 @@ def _evidence(det: Detection, loaded: LoadedModel) -> BackdoorEvidence:
     )
 
 
+MIN_CLASSES = 4
+"""Fewest classes the backdoor tests can judge: the top class against at least three others
+(below that neither the margins nor the weight evidence can ever flag, so 'clean' would be
+a non-answer)."""
+
+
 def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettings, stages: _Stages) -> None:
     check_forward(loaded.model, loaded.spec)  # a model that cannot run is skipped with the reason
+    if loaded.spec.num_classes < MIN_CLASSES:
+        raise UnsupportedModelError(
+            f"only {loaded.spec.num_classes} classes: the data-free backdoor tests compare the top class with at "
+            f"least 3 others, so they need at least {MIN_CLASSES} classes"
+        )
     with stages("detect"):
         det = detect(loaded.model, loaded.spec, settings.detector)
     report.backdoor = _evidence(det, loaded)

@@ -106,7 +106,7 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
                      help="'robust' (default) or 'mmbd' (the published Gamma test only)")
     det.add_argument("--margin-scale", choices=("sd", "mad"), default=None,
                      help="'robust' outlier score of the log-margins: against the others' mean and sd "
-                          "('sd', default) or median and MAD ('mad', the pre-1.1 rule)")
+                          "('sd', default) or median and MAD ('mad', the earlier rule, weaker with few classes); 'robust' only")
 
 
 def _read_target_file(name: str) -> list[str]:

@@ -205,7 +205,37 @@ def test_computed_weights_are_not_scored_and_a_model_of_only_those_is_refused():
     model = WeightNormCNN().eval()
     with pytest.raises(UnsupportedModelError, match="no supported layer"):
         otbr_hub.repair(model, prune_ratio=0.05, input_size=S32, **FAST)
-    assert select_layers(model, preset("default", include_classifier=True))[0].name == "fc"
+    assert [l.name for l in select_layers(model, preset("default", include_classifier=True))] == ["fc"]
+
+
+def test_hidden_layer_as_wide_as_the_classes_is_not_taken_for_a_head():
+    """A hidden Linear with the classifier's shape (width = number of classes) but no head-like
+    name is an ordinary layer: it is scored, and only the last layer is the head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, CLASSES), nn.ReLU(), nn.Linear(CLASSES, CLASSES), nn.ReLU(),
+                          nn.Linear(CLASSES, CLASSES)).eval()
+    assert classifier_names(model) == ["5"]
+    assert [l.name for l in select_layers(model, preset("default"))] == ["3"]  # "1" is the stem, skipped by default
+
+
+def test_non_finite_logits_are_refused_in_one_line():
+    """A model that answers NaN must not be scanned as 'clean' from meaningless margins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, CLASSES)).eval()
+    with torch.no_grad():
+        model[3].bias[2] = float("nan")
+    target = scan(model, settings=SCAN, input_size=(3, 8, 8)).targets[0]
+    assert target.verdict == "skipped" and "non-finite logits" in target.skipped
+    with pytest.raises(UnsupportedModelError, match="non-finite logits"):
+        otbr_hub.repair(model, prune_ratio=0.05, input_size=(3, 8, 8), **FAST)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_models_with_too_few_classes_for_the_tests_are_skipped_with_the_reason(classes):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)).eval()
+    target = scan(model, settings=SCAN, input_size=(3, 8, 8)).targets[0]
+    assert target.verdict == "skipped" and "at least 4 classes" in target.skipped
 
 
 def test_transformers_model_that_takes_no_pixel_values_is_refused_and_skipped():

@@ -396,19 +396,25 @@ def test_detect_flags_a_dirty_label_head_the_margins_miss() -> None:
 
 
 def test_margins_still_make_backdoored_when_the_weights_are_smaller() -> None:
-    """'backdoored' comes from the margins at half the level, even when the weights' p-value is
-    smaller and names another class; the same weights next to unremarkable margins give
-    'suspicious' with a note."""
+    """'backdoored' comes from the margins alone, at their whole level and with their own
+    p-value (only they can give it), even when the weights' p-value is smaller and names
+    another class; the same weights next to unremarkable margins give 'suspicious' with a note."""
     from otbr_hub.detect import MarginResult, _add_weight_evidence
 
     rng = np.random.default_rng(0)
     base = {c: float(np.exp(3 + 0.2 * rng.standard_normal())) for c in range(10)}
     strong = decide(MarginResult(margins={**base, 6: 1e6}, null_classes=list(range(10)), num_classes=10), FAST)
-    assert strong.verdict == "backdoored" and strong.p_value * 2 < FAST.alpha_backdoored
+    assert strong.verdict == "backdoored"
     p_margins = strong.p_value
     _add_weight_evidence(strong, WeightEvidence(applicable=True, top_class=2, p_value=p_margins / 10), FAST)
     assert (strong.verdict, strong.suspected_target, strong.decided_by) == ("backdoored", 6, "margins")
-    assert strong.p_value == pytest.approx(2 * p_margins) and strong.note is None
+    assert strong.p_value == p_margins and strong.note is None
+
+    # the same margin p-value gives the same verdict with or without applicable weight evidence
+    edge = decide(MarginResult(margins={**base, 6: 1e6}, null_classes=list(range(10)), num_classes=10), FAST)
+    edge.p_value = 0.008  # between alpha_backdoored / 2 and alpha_backdoored
+    _add_weight_evidence(edge, WeightEvidence(applicable=True, top_class=6, p_value=0.5), FAST)
+    assert (edge.verdict, edge.p_value) == ("backdoored", 0.008)
 
     plain = decide(MarginResult(margins=base, null_classes=list(range(10)), num_classes=10), FAST)
     assert plain.verdict == "clean"

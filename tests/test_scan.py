@@ -328,6 +328,20 @@ def test_cli_exit_1_backdoored_with_json_output(folders, tmp_path, capsys) -> No
     assert data["settings"]["fail_on"] == "backdoored"
 
 
+def test_cli_margin_scale_selects_the_outlier_score(folders, capsys) -> None:
+    """--margin-scale mad brings back the median/MAD score; on the handcrafted trigger (target
+    margin ~10x the rest) it is far weaker than the default mean/sd one."""
+    results = {}
+    for scale in ("sd", "mad"):
+        code, out, err = run(["scan", str(folders["backdoored"]), "--format", "json", "-q", "--margin-scale", scale,
+                              *FAST_FLAGS], capsys)
+        data = validate(out)
+        results[scale] = data["targets"][0]["backdoor"]["weight_evidence"]["detector"]["p_robust"]
+    assert results["sd"] < 0.001 < results["mad"]
+    code, _, err = run(["scan", str(folders["backdoored"]), "--margin-scale", "iqr", *FAST_FLAGS], capsys)
+    assert code == 4 and "--margin-scale" in err
+
+
 def test_cli_unsafe_file_and_fail_on_none(folders, capsys) -> None:
     code, out, err = run(["scan", str(folders["evil"]), "--format", "sarif"], capsys)
     assert code == 1, err
@@ -516,6 +530,7 @@ def test_bundled_example_is_flagged_with_default_settings() -> None:
     assert result.backdoor.weight_evidence["detector"]["decided_by"] == "weights"
     assert result.backdoor.weight_evidence["detector"]["p_first"] > 0.05
     assert "label shift towards class 3" in result.backdoor.note
+    assert validate(to_json(ScanReport(targets=[result])))["targets"][0]["backdoor"]["note"] == result.backdoor.note
     assert exit_code(ScanReport(targets=[result]), "backdoored") == 0
     assert exit_code(ScanReport(targets=[result]), "suspicious") == 1
     assert "label shift" in to_markdown(ScanReport(targets=[result]))
