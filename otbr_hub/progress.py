@@ -14,6 +14,7 @@ person at a terminal:
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Protocol, TextIO
 
 
@@ -66,7 +67,16 @@ class ModelLine:
                          bar_format="{desc} [{elapsed}]")
 
     def __call__(self, stage: str, done: int = 0, total: int | None = None) -> None:
-        self._bar.set_description_str(f"{self.label}: {stage} {done}/{total}" if total else f"{self.label}: {stage}")
+        if stage != getattr(self, "_stage", None) or done == 0:
+            self._stage, self._start = stage, time.monotonic()
+        text = f"{self.label}: {stage}"
+        if total:
+            text += f" {done}/{total}"
+            elapsed = time.monotonic() - self._start
+            if 0 < done < total and elapsed > 5:  # a rate from a few seconds of work, not from the first step
+                left = elapsed * (total - done) / done
+                text += f", about {_duration(left)} left"
+        self._bar.set_description_str(text)
 
     def finish(self, outcome: str) -> None:
         self._bar.set_description_str(f"{self.label}: {outcome}")
@@ -74,3 +84,12 @@ class ModelLine:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.4 h``: enough to decide whether to wait."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -278,7 +278,7 @@ def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSetting
         ds = DetectSettings(seed=settings.seed, weight_evidence=False)
 
         def detector(m: nn.Module) -> tuple[bool, float]:
-            d = detect(m, spec, ds)
+            d = detect(m, spec, ds, progress=t.progress)
             detector.last = d.to_dict()  # type: ignore[attr-defined]
             return d.verdict != "clean", float(d.p_value)
 

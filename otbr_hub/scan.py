@@ -273,7 +273,7 @@ def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettin
             f"least 3 others, so they need at least {MIN_CLASSES} classes"
         )
     with stages("detect"):
-        det = detect(loaded.model, loaded.spec, settings.detector)
+        det = detect(loaded.model, loaded.spec, settings.detector, progress=stages.hook)
     report.backdoor = _evidence(det, loaded)
     report.verdict = det.verdict
 

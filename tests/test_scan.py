@@ -546,3 +546,29 @@ def test_top_level_python_api_scans_in_memory_models_and_folders(folders) -> Non
     assert (bad.target, bad.verdict, bad.backdoor.suspected_target) == ("<in-memory>", "backdoored", TARGET)
     assert clean.verdict == "clean" and clean.source == "folder"
     assert isinstance(otbr_hub.DetectSettings(), DetectSettings)
+
+
+def test_scan_reports_the_margin_search_passes_to_the_progress_hook(folders) -> None:
+    """A long margin search (hours for 1000 classes at 224 px on a CPU) shows a count: the hook
+    sees the passes go up to the announced total."""
+    calls = []
+    scan_target(folders["clean"], settings=FAST, on_stage=lambda stage, done=0, total=None: calls.append((stage, done, total)))
+    counted = [(d, t) for s, d, t in calls if s == "margin search"]
+    expected = CLASSES * FAST.detector.inputs_per_class * FAST.detector.steps
+    assert counted[0] == (0, expected) and counted[-1] == (expected, expected)
+    assert all(a[0] <= b[0] for a, b in zip(counted, counted[1:]))
+    assert [s for s, _, _ in calls][:3] == ["inspect", "load", "detect"]
+
+
+def test_progress_line_estimates_the_time_left(monkeypatch) -> None:
+    import io
+
+    from otbr_hub import progress as prog
+
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr(prog.time, "monotonic", lambda: next(clock))
+    line = prog.ModelLine("m", stream=io.StringIO())
+    line("margin search", 0, 100)
+    line("margin search", 25, 100)
+    assert "25/100, about 30 s left" in line._bar.desc
+    line.close()
