@@ -103,6 +103,8 @@ def card_data(report: dict[str, Any], *, model_name: str, source_readme: str | N
         # the source's numbers are in the card's table, where "before" cannot be misread.
         dataset = str(ev.get("dataset") or "evaluation set")
         common = {"task_type": "image-classification", "dataset_type": dataset, "dataset_name": dataset}
+        if ev.get("split"):
+            common["dataset_split"] = str(ev["split"])
         after = ev["after"]
         results.append(EvalResult(**common, metric_type="accuracy", metric_name="ACC (clean accuracy, %)",
                                   metric_value=round(float(after["acc"]), 4)))
@@ -194,7 +196,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
         "publish_check": _publish_check(report.get("publish_verification")),
         "scans": _scan_rows(report),
         "evaluation": None if not ev else {
-            "dataset": ev.get("dataset") or "evaluation set",
+            "dataset": (ev.get("dataset") or "evaluation set") + (f", {ev['split']} split" if ev.get("split") else ""),
             "trigger": json.dumps(ev.get("trigger"), sort_keys=True) if ev.get("trigger") is not None else "-",
             "before": {k: _num((ev.get("before") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},
             "after": {k: _num((ev.get("after") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},

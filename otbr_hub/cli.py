@@ -367,7 +367,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any] | None:
+def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str] | None:
     """Parse --eval-dataset/--trigger up front so a typo fails before the slow part."""
     if not args.eval_dataset and not args.trigger:
         return None
@@ -386,18 +386,19 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any] | None:
     from .data import load_eval_dataset
 
     dataset = load_eval_dataset(args.eval_dataset, "test")
-    return dataset, trigger, args.eval_limit
+    return dataset, trigger, args.eval_limit, str(args.eval_dataset)
 
 
-def _evaluate(prepared: tuple[Any, Any, Any], result: Any) -> dict[str, Any]:
+def _evaluate(prepared: tuple[Any, Any, Any, str], result: Any) -> dict[str, Any]:
     from .evaluate import der, evaluate
 
-    dataset, trigger, limit = prepared
+    dataset, trigger, limit, name = prepared
     spec = result.source.spec
     before = evaluate(result.source.model, spec, dataset, trigger, limit=limit)
     after = evaluate(result.model, spec, dataset, trigger, limit=limit)
     return {
-        "dataset": getattr(dataset, "info", None) and (dataset.info.dataset_name or "dataset"),
+        "dataset": name,  # what the user passed to --eval-dataset: the card names it
+        "split": "test",
         "trigger": trigger.to_dict(),
         "before": dataclasses.asdict(before),
         "after": dataclasses.asdict(after),

@@ -122,3 +122,31 @@ def test_console_script_runs_as_a_process(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("otbr-hub: error:") and "Traceback" not in proc.stderr
+
+
+def test_eval_dataset_is_measured_and_named_in_report_and_card(tmp_path, capsys):
+    """--eval-dataset / --trigger: the report records ACC/ASR before and after and the name the
+    user gave, and the card and its model-index say which dataset and split."""
+    import datasets
+    import numpy as np
+
+    from otbr_hub.card import render_card
+
+    rng = np.random.default_rng(0)
+    ds = datasets.Dataset.from_dict(
+        {"image": [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(24)], "label": [i % 10 for i in range(24)]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
+    ds.save_to_disk(str(tmp_path / "evalset"))
+    src = timm_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["repair", str(src), "-o", str(out), "--prune-ratio", "0.05", *FAST,
+                                 "--eval-dataset", str(tmp_path / "evalset"), "--trigger", "badnets:target=1"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "otbr_report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["dataset"] == str(tmp_path / "evalset") and ev["split"] == "test"
+    assert ev["before"]["n_clean"] == 24 and 0 <= ev["after"]["acc"] <= 100 and ev["after"]["asr"] is not None
+    assert "before: ACC" in stdout and "after:" in stdout
+    card = render_card(report, repo_id="me/x")
+    assert f"Measured on `{tmp_path / 'evalset'}, test split`" in card and "split: test" in card
