@@ -276,6 +276,11 @@ def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettin
         det = detect(loaded.model, loaded.spec, settings.detector, progress=stages.hook)
     report.backdoor = _evidence(det, loaded)
     report.verdict = det.verdict
+    if det.note and det.decided_by == "weights" and loaded.folder is not None and (loaded.folder / "otbr_report.json").is_file():
+        report.backdoor.note = (
+            f"{det.note}. This model comes with an otbr-hub repair report (otbr_report.json): repair leaves the "
+            "classifier as it was, so this evidence stays after a repair and says nothing about whether the repair worked"
+        )
 
 
 def _scan_folder(folder: Path, report: TargetReport, settings: ScanSettings, stages: _Stages) -> TargetReport:

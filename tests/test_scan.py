@@ -572,3 +572,15 @@ def test_progress_line_estimates_the_time_left(monkeypatch) -> None:
     line("margin search", 25, 100)
     assert "25/100, about 30 s left" in line._bar.desc
     line.close()
+
+
+def test_weights_note_on_a_repaired_model_says_the_evidence_outlives_the_repair(tmp_path) -> None:
+    """The bundled example after `otbr-hub repair`: the label shift is still there (the head is
+    untouched), and the note says so instead of implying the repair failed."""
+    out = tmp_path / "repaired"
+    assert main(["repair", str(EXAMPLE), "-o", str(out), "--prune-ratio", "0.05", "--unlearn-steps", "2",
+                 "--unlearn-batch", "16", "--verify-samples", "16", "--device", "cpu", "-q"]) == 0
+    result = scan_target(out, settings=FAST)
+    assert result.verdict == "suspicious" and result.backdoor.suspected_target == 3
+    assert "otbr_report.json" in result.backdoor.note and "says nothing about whether the repair worked" in result.backdoor.note
+    assert "otbr_report.json" not in scan_target(EXAMPLE, settings=FAST).backdoor.note
