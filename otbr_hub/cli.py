@@ -367,7 +367,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str] | None:
+def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, str | None]] | None:
     """Parse --eval-dataset/--trigger up front so a typo fails before the slow part."""
     if not args.eval_dataset and not args.trigger:
         return None
@@ -383,22 +383,22 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, str] | None:
             raise UsageError(f"cannot read trigger file {spec}: {err}") from None
         spec = data.get("trigger", data) if isinstance(data, dict) else data
     trigger = parse_trigger(spec)
-    from .data import load_eval_dataset
+    from .data import describe_eval_source, load_eval_dataset
 
     dataset = load_eval_dataset(args.eval_dataset, "test")
-    return dataset, trigger, args.eval_limit, str(args.eval_dataset)
+    return dataset, trigger, args.eval_limit, describe_eval_source(args.eval_dataset, "test")
 
 
-def _evaluate(prepared: tuple[Any, Any, Any, str], result: Any) -> dict[str, Any]:
+def _evaluate(prepared: tuple[Any, Any, Any, tuple[str, str | None]], result: Any) -> dict[str, Any]:
     from .evaluate import der, evaluate
 
-    dataset, trigger, limit, name = prepared
+    dataset, trigger, limit, (name, split) = prepared
     spec = result.source.spec
     before = evaluate(result.source.model, spec, dataset, trigger, limit=limit)
     after = evaluate(result.model, spec, dataset, trigger, limit=limit)
     return {
-        "dataset": name,  # what the user passed to --eval-dataset: the card names it
-        "split": "test",
+        "dataset": name,  # public name of --eval-dataset (a local folder by its last component)
+        "split": split,
         "trigger": trigger.to_dict(),
         "before": dataclasses.asdict(before),
         "after": dataclasses.asdict(after),

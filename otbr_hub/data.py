@@ -103,6 +103,21 @@ def _pick_split(obj: Any, split: str, source: str):
     return obj
 
 
+def describe_eval_source(name_or_path: str | Path, split: str = "test") -> tuple[str, str | None]:
+    """What a card may say about ``--eval-dataset``: a public name and the split used.
+
+    The Fashion-MNIST aliases become ``fashion_mnist``; a local folder is named by its last
+    component only (a model card is public, the path is not); a folder holding a single
+    ``Dataset`` (no ``dataset_dict.json``) has no split."""
+    text = str(name_or_path)
+    if text.lower() in _FMNIST_ALIASES:
+        return "fashion_mnist", split
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.name, split if (path / "dataset_dict.json").is_file() else None
+    return text, split
+
+
 def load_eval_dataset(name_or_path: str | Path, split: str = "test"):
     """Load evaluation data: ``fashion_mnist``, a ``save_to_disk`` folder, or a Hub dataset id."""
     import datasets

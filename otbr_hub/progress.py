@@ -3,7 +3,7 @@
 
 The hook is called with ``done=0`` when a stage starts (``total`` is None for stages
 that are not counted, such as loading) and with ``done=i`` as counted work proceeds
-(unlearning steps, fused layers). Two displays are offered, both on stderr and only for a
+(unlearning steps, fused layers, the margin search's image passes). Two displays are offered, both on stderr and only for a
 person at a terminal:
 
 * :class:`StageBars` - one bar per counted stage, for a single model;
@@ -41,7 +41,10 @@ class StageBars:
         from tqdm.auto import tqdm
 
         restarted = self._bar is not None and done < self._bar.n
-        if stage != self._stage or restarted or (self._bar is not None and self._bar.total != total):
+        if self._bar is not None and stage == self._stage and not restarted and total and self._bar.total != total:
+            self._bar.total = total  # a count corrected on the way (the margin search after screening)
+            self._bar.refresh()
+        if stage != self._stage or restarted or (self._bar is not None and bool(self._bar.total) != bool(total)):
             self.close()
             desc = f"{self.label}: {stage}" if self.label else stage
             fmt = None if total else "{desc} ... {elapsed}"
@@ -67,16 +70,20 @@ class ModelLine:
                          bar_format="{desc} [{elapsed}]")
 
     def __call__(self, stage: str, done: int = 0, total: int | None = None) -> None:
+        now = time.monotonic()
         if stage != getattr(self, "_stage", None) or done == 0:
-            self._stage, self._start = stage, time.monotonic()
+            self._stage, self._start = stage, now
         text = f"{self.label}: {stage}"
         if total:
             text += f" {done}/{total}"
-            elapsed = time.monotonic() - self._start
+            elapsed = now - self._start
             if 0 < done < total and elapsed > 5:  # a rate from a few seconds of work, not from the first step
                 left = elapsed * (total - done) / done
                 text += f", about {_duration(left)} left"
-        self._bar.set_description_str(text)
+        self._bar.set_description_str(text, refresh=False)
+        if done == 0 or done == total or now - getattr(self, "_drawn", 0.0) >= 0.2:  # at most 5 redraws a second
+            self._bar.refresh()
+            self._drawn = now
 
     def finish(self, outcome: str) -> None:
         self._bar.set_description_str(f"{self.label}: {outcome}")

@@ -265,7 +265,10 @@ MIN_CLASSES = 4
 a non-answer)."""
 
 
-def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettings, stages: _Stages) -> None:
+def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettings, stages: _Stages,
+                 repaired: bool | None = None) -> None:
+    """Backdoor tests of a loaded model into ``report``. ``repaired``: whether the source carries
+    an otbr-hub repair report (default: look for ``otbr_report.json`` in the model's folder)."""
     check_forward(loaded.model, loaded.spec)  # a model that cannot run is skipped with the reason
     if loaded.spec.num_classes < MIN_CLASSES:
         raise UnsupportedModelError(
@@ -276,7 +279,9 @@ def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettin
         det = detect(loaded.model, loaded.spec, settings.detector, progress=stages.hook)
     report.backdoor = _evidence(det, loaded)
     report.verdict = det.verdict
-    if det.note and det.decided_by == "weights" and loaded.folder is not None and (loaded.folder / "otbr_report.json").is_file():
+    if repaired is None:
+        repaired = loaded.folder is not None and (loaded.folder / "otbr_report.json").is_file()
+    if det.note and det.decided_by == "weights" and repaired:
         report.backdoor.note = (
             f"{det.note}. This model comes with an otbr-hub repair report (otbr_report.json): repair leaves the "
             "classifier as it was, so this evidence stays after a repair and says nothing about whether the repair worked"
@@ -356,7 +361,7 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
         return report
     with stages("load"):
         loaded = load_folder(folder, source=pre.repo_id, revision=pre.sha)
-    _detect_into(report, loaded, settings, stages)
+    _detect_into(report, loaded, settings, stages, repaired="otbr_report.json" in pre.available)
     return report
 
 
@@ -392,7 +397,8 @@ def scan_target(
     only. ``input_size``/``mean``/``std`` describe the input of an in-memory model whose
     config does not (plain torch modules); they are ignored for folders and Hub repos.
     ``on_stage(stage, 0, None)`` is called as each stage (resolve, download, inspect,
-    load, detect) starts, for progress displays.
+    load, detect) starts, and ``on_stage("margin search", done, total)`` as the margin
+    search's image passes add up, for progress displays.
     """
     settings = settings or ScanSettings()
     stages = _Stages(on_stage)

@@ -145,8 +145,18 @@ def test_eval_dataset_is_measured_and_named_in_report_and_card(tmp_path, capsys)
     assert code == 0, err
     report = json.loads((out / "otbr_report.json").read_text())
     ev = report["evaluation"]
-    assert ev["dataset"] == str(tmp_path / "evalset") and ev["split"] == "test"
+    assert ev["dataset"] == "evalset" and ev["split"] is None  # a public name, and a plain Dataset has no split
+    assert str(tmp_path) not in json.dumps(ev)
     assert ev["before"]["n_clean"] == 24 and 0 <= ev["after"]["acc"] <= 100 and ev["after"]["asr"] is not None
     assert "before: ACC" in stdout and "after:" in stdout
     card = render_card(report, repo_id="me/x")
-    assert f"Measured on `{tmp_path / 'evalset'}, test split`" in card and "split: test" in card
+    head = card.split("## How to use")[0]  # model-index and description (the Reproduce section quotes the command)
+    assert "Measured on `evalset` with trigger" in card and "split:" not in head and str(tmp_path) not in head
+    assert "name: evalset" in head
+
+    from otbr_hub.data import describe_eval_source
+
+    assert describe_eval_source("Fashion-MNIST") == ("fashion_mnist", "test")
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dd"))
+    assert describe_eval_source(tmp_path / "dd") == ("dd", "test")
+    assert describe_eval_source("user/some-dataset") == ("user/some-dataset", "test")

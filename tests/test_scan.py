@@ -565,8 +565,10 @@ def test_progress_line_estimates_the_time_left(monkeypatch) -> None:
 
     from otbr_hub import progress as prog
 
-    clock = iter([0.0, 10.0, 10.0])
-    monkeypatch.setattr(prog.time, "monotonic", lambda: next(clock))
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(prog, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     line = prog.ModelLine("m", stream=io.StringIO())
     line("margin search", 0, 100)
     line("margin search", 25, 100)
@@ -574,13 +576,26 @@ def test_progress_line_estimates_the_time_left(monkeypatch) -> None:
     line.close()
 
 
-def test_weights_note_on_a_repaired_model_says_the_evidence_outlives_the_repair(tmp_path) -> None:
-    """The bundled example after `otbr-hub repair`: the label shift is still there (the head is
-    untouched), and the note says so instead of implying the repair failed."""
+def _repaired_example(tmp_path: Path) -> Path:
     out = tmp_path / "repaired"
     assert main(["repair", str(EXAMPLE), "-o", str(out), "--prune-ratio", "0.05", "--unlearn-steps", "2",
                  "--unlearn-batch", "16", "--verify-samples", "16", "--device", "cpu", "-q"]) == 0
-    result = scan_target(out, settings=FAST)
+    return out
+
+
+def test_weights_note_on_a_repaired_model_says_the_evidence_outlives_the_repair(tmp_path) -> None:
+    """The bundled example after `otbr-hub repair`: the label shift is still there (the head is
+    untouched), and the note says so instead of implying the repair failed."""
+    result = scan_target(_repaired_example(tmp_path), settings=FAST)
     assert result.verdict == "suspicious" and result.backdoor.suspected_target == 3
     assert "otbr_report.json" in result.backdoor.note and "says nothing about whether the repair worked" in result.backdoor.note
     assert "otbr_report.json" not in scan_target(EXAMPLE, settings=FAST).backdoor.note
+
+
+def test_weights_note_on_a_repaired_hub_model(hub_server, tmp_path) -> None:
+    """Scanned by repo id, the repaired model's otbr_report.json is seen in the repo's file list
+    (it is not downloaded)."""
+    out = _repaired_example(tmp_path)
+    hub_server.add_repo("alice/example-otbr", {p.name: p for p in out.iterdir()}, library_name="timm")
+    result = scan_target("alice/example-otbr", settings=FAST, endpoint=hub_server.endpoint, token=False)
+    assert result.verdict == "suspicious" and "otbr_report.json" in result.backdoor.note
