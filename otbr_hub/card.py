@@ -75,6 +75,22 @@ def is_hub_source(report: dict[str, Any]) -> bool:
     return bool(report.get("revision")) and is_repo_id(str(report.get("source", "")))
 
 
+def public_command(command: str | None) -> str | None:
+    """The command for a public card: absolute or home-relative paths (the source folder, an
+    output or dataset folder) shortened to their last component, since a card on the Hub is
+    public and the machine's directory layout is not. Hub ids and flags stay as they were."""
+    if not command:
+        return command
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    out = [Path(w).name or w if w.startswith(("/", "~")) else w for w in words]
+    return shlex.join(out)
+
+
 def source_label(report: dict[str, Any]) -> str:
     """How the card names the source; a local path is reduced to its folder name."""
     source = str(report.get("source", "model"))
@@ -167,7 +183,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
         "hub_source": is_hub_source(report),
         "revision": report.get("revision"),
         "version": report.get("otbr_hub_version") or __version__,
-        "command": report.get("command"),
+        "command": public_command(report.get("command")),
         "prune_ratio": _num(report.get("prune_ratio"), "{:g}"),
         "ratio_reason": report.get("ratio_reason") or "-",
         "candidates": [

@@ -150,9 +150,10 @@ def test_eval_dataset_is_measured_and_named_in_report_and_card(tmp_path, capsys)
     assert ev["before"]["n_clean"] == 24 and 0 <= ev["after"]["acc"] <= 100 and ev["after"]["asr"] is not None
     assert "before: ACC" in stdout and "after:" in stdout
     card = render_card(report, repo_id="me/x")
-    head = card.split("## How to use")[0]  # model-index and description (the Reproduce section quotes the command)
-    assert "Measured on `evalset` with trigger" in card and "split:" not in head and str(tmp_path) not in head
-    assert "name: evalset" in head
+    head = card.split("## How to use")[0]
+    assert "Measured on `evalset` with trigger" in card and "split:" not in head and "name: evalset" in head
+    assert str(tmp_path) not in card  # the Reproduce command too: local paths by their last component
+    assert "--eval-dataset evalset --trigger badnets:target=1" in card
 
     from otbr_hub.data import describe_eval_source
 
