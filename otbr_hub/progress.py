@@ -68,10 +68,12 @@ class ModelLine:
         self.label = label
         self._bar = tqdm(total=None, desc=label, file=stream or sys.stderr, leave=True, dynamic_ncols=True,
                          bar_format="{desc} [{elapsed}]")
+        self._stage: str | None = None
+        self._start = self._drawn = 0.0  # when the current stage began; when the line was last redrawn
 
     def __call__(self, stage: str, done: int = 0, total: int | None = None) -> None:
         now = time.monotonic()
-        if stage != getattr(self, "_stage", None) or done == 0:
+        if stage != self._stage or done == 0:
             self._stage, self._start = stage, now
         text = f"{self.label}: {stage}"
         if total:
@@ -81,7 +83,7 @@ class ModelLine:
                 left = elapsed * (total - done) / done
                 text += f", about {_duration(left)} left"
         self._bar.set_description_str(text, refresh=False)
-        if done == 0 or done == total or now - getattr(self, "_drawn", 0.0) >= 0.2:  # at most 5 redraws a second
+        if done == 0 or done == total or now - self._drawn >= 0.2:  # at most 5 redraws a second
             self._bar.refresh()
             self._drawn = now
 
