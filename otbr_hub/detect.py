@@ -74,7 +74,7 @@ from torch import nn
 
 from .evidence import WeightEvidence, combine, max_outlier_p_value, weight_evidence
 from .load import InputSpec, eval_mode, forward_logits, model_device
-from .placement import images_per_pass
+from .placement import gradient_precision, images_per_pass
 from .verify import synthesize_inputs
 
 Method = Literal["robust", "mmbd", "trigger"]
@@ -122,6 +122,10 @@ class DetectSettings:
     in consecutive chunks. Ten classes at the default inputs per class fit in one pass. Large
     inputs are further capped by :func:`otbr_hub.placement.images_per_pass` (a few images
     at 224 px on a CPU); starting images depend only on (seed, class), so chunking does not change results."""
+    precision: str = "fp32"
+    """Arithmetic of the search's forward/backward passes: 'fp32', 'bf16' (autocast; margins
+    are taken from float32 logits) or 'auto' (bf16 where the device runs it natively); see
+    :func:`otbr_hub.placement.gradient_precision`."""
     alpha_backdoored: float = 0.01
     """p-value below which the verdict is 'backdoored'."""
     alpha_suspicious: float = 0.05
@@ -165,6 +169,8 @@ class DetectSettings:
             raise ValueError("screen_top must be below max_classes")
         if not 0 < self.alpha_backdoored <= self.alpha_suspicious < 1:
             raise ValueError("need 0 < alpha_backdoored <= alpha_suspicious < 1")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
         if self.method not in ("robust", "mmbd", "trigger"):
             raise ValueError(f"unknown method {self.method!r}")
         if self.margin_scale not in ("sd", "mad"):
@@ -302,6 +308,7 @@ def _search(
     device: torch.device,
     max_batch: int,
     passes: _Passes | None = None,
+    precision: str = "fp32",
 ) -> dict[int, float]:
     """Best margin per class: Adam on sigmoid-parametrised images, all classes of a chunk in
     one batch. Only the images receive gradients (``torch.autograd.grad``); the model's
@@ -319,7 +326,8 @@ def _search(
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             x = torch.sigmoid(z)
-            m = _margins(forward_logits(model, spec.normalize(x).to(dtype)).float(), targets)
+            with gradient_precision(precision, device):
+                m = _margins(forward_logits(model, spec.normalize(x).to(dtype)).float(), targets)
             top = torch.maximum(top, m.detach())
             (grad,) = torch.autograd.grad(-m.sum(), z)
             z.grad = grad
@@ -377,7 +385,7 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
         else:
             sm = _search(
                 model, spec, list(range(k)), s.screen_inputs, s.screen_steps, s.lr, s.seed, _STAGE_SCREEN, device, s.max_batch,
-                passes,
+                passes, s.precision,
             )
             screen = [sm[c] for c in range(k)]
             top = [int(c) for c in np.argsort(-np.asarray(screen), kind="stable")[: s.screen_top]]
@@ -386,7 +394,7 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
             full = sorted(set(top) | set(null))
             passes.total = passes.done + len(full) * s.inputs_per_class * s.steps  # top and sample may overlap
         margins = _search(model, spec, full, s.inputs_per_class, s.steps, s.lr, s.seed, _STAGE_FULL, device, s.max_batch,
-                          passes)
+                          passes, s.precision)
     return MarginResult(
         margins=margins, null_classes=null, num_classes=k, screen_margins=screen, seconds=time.perf_counter() - t0
     )

@@ -180,7 +180,7 @@ def repair(
             return fr.model
 
         with t("verify"):
-            probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed)
+            probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed, precision=settings.precision)
             reference = predictions(work, spec, probe)  # the original's answers, reused for every candidate
         scan_before = scan_after = None
         if settings.prune_ratio == "auto":
@@ -275,7 +275,7 @@ def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSetting
         # Margins only: the weight evidence reads the classifier head and BatchNorm moments,
         # which pruning does not change, so it would keep every candidate ratio "flagged"
         # (measured on resnet-badnets-t6-s1-quick: p 2e-4 at every ratio; DETECT_NOTES.md).
-        ds = DetectSettings(seed=settings.seed, weight_evidence=False)
+        ds = DetectSettings(seed=settings.seed, weight_evidence=False, precision=settings.precision)
 
         def detector(m: nn.Module) -> tuple[bool, float]:
             d = detect(m, spec, ds, progress=t.progress)

@@ -104,6 +104,9 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
     det.add_argument("--inputs-per-class", type=int, default=None, help="random starting images per class (default 8)")
     det.add_argument("--method", choices=("robust", "mmbd"), default=None,
                      help="'robust' (default) or 'mmbd' (the published Gamma test only)")
+    det.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                     help="arithmetic of the margin search: 'fp32' (default), 'bf16' (autocast) or 'auto' "
+                          "(bf16 where the device runs it natively)")
     det.add_argument("--margin-scale", choices=("sd", "mad"), default=None,
                      help="'robust' outlier score of the log-margins: against the others' mean and sd "
                           "('sd', default) or median and MAD ('mad', the earlier rule, weaker with few classes); 'robust' only")
@@ -134,7 +137,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from .scan import ScanSettings
 
     overrides = {"seed": args.seed, "device": str(resolve_device(args.device))}
-    for name in ("steps", "inputs_per_class", "method", "margin_scale"):
+    for name in ("steps", "inputs_per_class", "method", "margin_scale", "precision"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     try:

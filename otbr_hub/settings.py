@@ -62,6 +62,10 @@ class RepairSettings:
     min_agreement: float = _opt(0.5, "auto: guard; least top-1 agreement with the original on synthesised inputs")
     verify_samples: int = _opt(256, "synthesised inputs used to measure agreement with the original")
     device: str = _opt("auto", "'auto' (GPU when Accelerate sees one), 'cpu' or 'cuda'")
+    precision: str = _opt(
+        "fp32", "arithmetic of the gradient passes (unlearning, probes, margin search): 'fp32', 'bf16' "
+        "(autocast; weights, fusion and measurements stay float32/float64) or 'auto' (bf16 where the device runs it natively)"
+    )
 
     def validate(self) -> "RepairSettings":
         """Raise a one-line UsageError for any value the engine cannot honour."""
@@ -90,6 +94,8 @@ class RepairSettings:
             raise UsageError(f"--ranking must be 'global' or 'layer-normalized', got '{self.ranking}'")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"--device must be auto, cpu or cuda, got '{self.device}'")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise UsageError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
         if not 0 < self.fallback_ratio < 1:
             raise UsageError(f"--fallback-ratio must be in (0, 1), got {self.fallback_ratio}")
         for r in self.grid():

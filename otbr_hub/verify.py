@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .load import InputSpec, eval_mode, forward_logits, model_device
-from .placement import images_per_pass
+from .placement import gradient_precision, images_per_pass
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Verification:
 
 
 def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, steps: int = 10, lr: float = 0.1,
-                      chunk: int | None = None) -> torch.Tensor:
+                      chunk: int | None = None, precision: str = "fp32") -> torch.Tensor:
     """Inputs the *original* model assigns to each class in turn, with no data needed.
 
     Starting from smooth random images (low-resolution noise upsampled), a few signed
@@ -39,6 +39,7 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
     Images are optimised in slices of ``chunk`` (default: what fits in
     :func:`~otbr_hub.placement.images_per_pass`). The model is in eval mode and each image
     only follows the sign of its own gradient, so slicing gives the same images.
+    ``precision`` is :func:`~otbr_hub.placement.gradient_precision`'s.
     """
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +54,8 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
             xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
             for _ in range(steps):
                 xs.requires_grad_(True)
-                loss = F.cross_entropy(forward_logits(model, spec.normalize(xs)).float(), ys)
+                with gradient_precision(precision, device):
+                    loss = F.cross_entropy(forward_logits(model, spec.normalize(xs)).float(), ys)
                 (grad,) = torch.autograd.grad(loss, xs)
                 xs = (xs.detach() - lr * grad.sign()).clamp(0, 1)
             out.append(xs.detach())
