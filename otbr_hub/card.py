@@ -201,7 +201,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
             "steps": unlearning.get("steps"), "batch": unlearning.get("batch"), "lr": _num(unlearning.get("lr"), "{:g}"),
             "momentum": _num(unlearning.get("momentum"), "{:g}"), "normalized_noise": unlearning.get("normalized_noise"),
             "first_loss": _num(unlearning.get("first_loss")), "last_loss": _num(unlearning.get("last_loss")),
-            "images_per_pass": unlearning.get("images_per_pass"),
+            "images_per_pass": unlearning.get("images_per_pass"), "precision": unlearning.get("precision"),
         },
         "ranking": nwc.get("ranking") or settings.get("ranking") or "-",
         "top_neurons": [

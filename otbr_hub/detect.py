@@ -122,10 +122,10 @@ class DetectSettings:
     in consecutive chunks. Ten classes at the default inputs per class fit in one pass. Large
     inputs are further capped by :func:`otbr_hub.placement.images_per_pass` (a few images
     at 224 px on a CPU); starting images depend only on (seed, class), so chunking does not change results."""
-    precision: str = "fp32"
+    precision: str = "auto"
     """Arithmetic of the search's forward/backward passes: 'fp32', 'bf16' (autocast; margins
-    are taken from float32 logits) or 'auto' (bf16 where the device runs it natively); see
-    :func:`otbr_hub.placement.gradient_precision`."""
+    are taken from float32 logits) or 'auto' (bf16 where the device runs it natively and the
+    input is large enough to gain from it); see :func:`otbr_hub.placement.resolve_precision`."""
     alpha_backdoored: float = 0.01
     """p-value below which the verdict is 'backdoored'."""
     alpha_suspicious: float = 0.05
@@ -185,7 +185,7 @@ class DetectSettings:
         """MM-BD as published: 30 inputs per class, 300 steps, Gamma null, p < 0.05 flags."""
         base: dict[str, Any] = dict(
             inputs_per_class=30, steps=300, method="mmbd", alpha_backdoored=0.05, alpha_suspicious=0.05,
-            weight_evidence=False,
+            weight_evidence=False, precision="fp32",
         )
         base.update(overrides)
         return cls(**base)
@@ -326,7 +326,7 @@ def _search(
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(steps):
             x = torch.sigmoid(z)
-            with gradient_precision(precision, device):
+            with gradient_precision(precision, device, spec):
                 m = _margins(forward_logits(model, spec.normalize(x).to(dtype)).float(), targets)
             top = torch.maximum(top, m.detach())
             (grad,) = torch.autograd.grad(-m.sum(), z)

@@ -19,7 +19,7 @@ from .errors import OtbrError, UnsupportedModelError
 from .fuse import FuseResult, fuse
 from .layers import Layer, select_layers
 from .load import LoadedModel, check_forward, eval_mode, from_model, load_folder
-from .placement import release_memory, resolve_device
+from .placement import release_memory, resolve_device, resolve_precision
 from .progress import Progress
 from .prune import PruneResult, prune
 from .ratio import RatioChoice, choose_ratio
@@ -233,7 +233,8 @@ def repair(
         pruned_per_layer=pr.per_layer_counts(),
         nwc=scores.summary(),
         unlearning={"steps": settings.unlearn_steps, "batch": settings.unlearn_batch, "lr": settings.unlearn_lr,
-                    "momentum": settings.unlearn_momentum, "normalized_noise": settings.normalize_noise, **losses},
+                    "momentum": settings.unlearn_momentum, "normalized_noise": settings.normalize_noise,
+                    "precision": resolve_precision(settings.precision, device, spec), **losses},
         fusion={"solver": "ot.emd (exact)", "first_layer": fr.first_layer, "fused_layers": len(fr.fused_layers),
                 "input_aligned_layers": len(fr.aligned_layers), "lambda": settings.lam},
         verification=check.to_dict(),

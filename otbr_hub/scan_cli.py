@@ -105,8 +105,8 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
     det.add_argument("--method", choices=("robust", "mmbd"), default=None,
                      help="'robust' (default) or 'mmbd' (the published Gamma test only)")
     det.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
-                     help="arithmetic of the margin search: 'fp32' (default), 'bf16' (autocast) or 'auto' "
-                          "(bf16 where the device runs it natively)")
+                     help="arithmetic of the margin search: 'auto' (default: bf16 where the device runs it natively "
+                          "and inputs are at least 96x96), 'fp32' or 'bf16' (autocast)")
     det.add_argument("--margin-scale", choices=("sd", "mad"), default=None,
                      help="'robust' outlier score of the log-margins: against the others' mean and sd "
                           "('sd', default) or median and MAD ('mad', the earlier rule, weaker with few classes); 'robust' only")

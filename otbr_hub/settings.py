@@ -63,8 +63,9 @@ class RepairSettings:
     verify_samples: int = _opt(256, "synthesised inputs used to measure agreement with the original")
     device: str = _opt("auto", "'auto' (GPU when Accelerate sees one), 'cpu' or 'cuda'")
     precision: str = _opt(
-        "fp32", "arithmetic of the gradient passes (unlearning, probes, margin search): 'fp32', 'bf16' "
-        "(autocast; weights, fusion and measurements stay float32/float64) or 'auto' (bf16 where the device runs it natively)"
+        "auto", "arithmetic of the gradient passes (unlearning, probes, margin search): 'fp32', 'bf16' "
+        "(autocast; weights, fusion and measurements stay float32/float64) or 'auto' (bf16 where the device runs "
+        "it natively and inputs are at least 96x96: 2-3x faster at 224 px, same rankings; the paper preset: fp32)"
     )
 
     def validate(self) -> "RepairSettings":
@@ -132,6 +133,7 @@ PAPER = dict(
     ranking="global",
     prune_norm=False,
     fuse_attached=False,
+    precision="fp32",  # the reference code's arithmetic
 )
 
 PRESETS: dict[str, dict[str, Any]] = {"default": {}, "paper": PAPER}

@@ -72,7 +72,7 @@ def unlearn(
         total = 0.0
         for i in range(0, n, chunk):
             xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
-            with gradient_precision(settings.precision, device):
+            with gradient_precision(settings.precision, device, spec):
                 logits = forward_logits(work, xs).float()
             # one slice: the plain mean, bit-identical to an unsliced step
             loss = F.cross_entropy(logits, ys) if chunk >= n else F.cross_entropy(logits, ys, reduction="sum") / n

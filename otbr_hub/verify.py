@@ -54,7 +54,7 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
             xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
             for _ in range(steps):
                 xs.requires_grad_(True)
-                with gradient_precision(precision, device):
+                with gradient_precision(precision, device, spec):
                     loss = F.cross_entropy(forward_logits(model, spec.normalize(xs)).float(), ys)
                 (grad,) = torch.autograd.grad(loss, xs)
                 xs = (xs.detach() - lr * grad.sign()).clamp(0, 1)

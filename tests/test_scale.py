@@ -169,3 +169,66 @@ def test_single_process_team_keeps_one_result_per_item() -> None:
     assert solo.gather([(2, "C"), (0, "A"), (1, "B"), (0, "again")], expected=3) == ["A", "B", "C"]
     with pytest.raises(RuntimeError, match=r"\[1\]"):
         Team(index=0, size=1).gather([(0, "A"), (2, "C")], expected=3)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def test_precision_auto_keeps_small_inputs_in_fp32_and_names_bad_values() -> None:
+    from otbr_hub.errors import UsageError
+    from otbr_hub.load import InputSpec
+    from otbr_hub.placement import BF16_MIN_PIXELS, bf16_is_fast, resolve_precision
+
+    cpu = torch.device("cpu")
+    small = InputSpec(channels=3, height=32, width=32, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+    large = InputSpec(channels=3, height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+    assert small.height * small.width < BF16_MIN_PIXELS <= large.height * large.width
+    assert resolve_precision("auto", cpu, small) == "fp32"
+    assert resolve_precision("auto", cpu, large) == ("bf16" if bf16_is_fast(cpu) else "fp32")
+    assert resolve_precision("bf16", cpu, small) == "bf16" and resolve_precision("fp32", cpu, large) == "fp32"
+    with pytest.raises(UsageError, match="precision"):
+        resolve_precision("fp16", cpu, small)
+
+
+def test_bf16_autocasts_the_gradient_passes_and_is_recorded(tmp_path, capsys) -> None:
+    from otbr_hub.placement import gradient_precision
+    from otbr_hub.settings import preset
+
+    cpu = torch.device("cpu")
+    a = torch.randn(4, 4)
+    with gradient_precision("bf16", cpu):
+        assert (a @ a).dtype == torch.bfloat16
+    with gradient_precision("fp32", cpu):
+        assert (a @ a).dtype == torch.float32
+    assert preset("paper").precision == "fp32" and preset("default").precision == "auto"
+
+    src = timm_folder(tmp_path / "m")
+    code, _, err = run(["repair", str(src), "-o", str(tmp_path / "o"), "-q", "--precision", "bf16", *FAST], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "otbr_report.json").read_text())
+    assert report["unlearning"]["precision"] == "bf16" and report["verification"]["ok"]
+    from otbr_hub.card import render_card
+
+    assert "bfloat16 autocast" in render_card(report)
+    code, _, err = run(["repair", str(src), "-o", str(tmp_path / "p"), "-q", "--precision", "half", *FAST], capsys)
+    assert code != 0 and "precision" in err and "Traceback" not in err
+
+
+def test_channels_last_images_fall_back_for_a_forward_that_views_its_input() -> None:
+    from otbr_hub.load import forward_logits
+
+    class Flat(torch.nn.Module):  # a conv net whose forward flattens the raw input with .view
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(3 * 8 * 8 + 4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.view(x.shape[0], -1)
+            return self.fc(torch.cat([flat, self.conv(x).mean((2, 3))], 1))
+
+    model = Flat().eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(model, x), model(x))
+        torch.testing.assert_close(forward_logits(model, x), model(x))  # remembered, no second failure
