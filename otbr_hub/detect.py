@@ -315,7 +315,7 @@ def _search(
     parameters and their ``.grad`` are never touched."""
     dtype = next(model.parameters()).dtype
     shape = (spec.channels, spec.height, spec.width)
-    per_chunk = max(1, min(max_batch, images_per_pass(model, spec)) // n_inputs)
+    per_chunk = max(1, min(max_batch, images_per_pass(model, spec, precision=precision)) // n_inputs)
     best: dict[int, float] = {}
     for start in range(0, len(classes), per_chunk):
         chunk = classes[start : start + per_chunk]

@@ -34,19 +34,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-CPU_ACTIVATION_BUDGET = 256 * 2**20
+CPU_ACTIVATION_BUDGET = 192 * 2**20
 """Bytes of layer outputs one pass may hold on a CPU. Importing torch alone takes about
 0.7 GB of RSS and a repair holds up to three copies of the weights, so this keeps resnet50 at
-224 px (one or two images a pass) under 3 x its fp32 weights + 1.5 GB; measured in
-``benchmarks/SPEED_NOTES.md``. CPUs lose little throughput on small batches."""
+224 px under 3 x its fp32 weights + 1.5 GB: one image a pass in float32 (133 MB of
+outputs), two under bfloat16 (66 MB each; at 256 MB it took three and peaked at 1.9 GB
+against the 1.81 GB budget); measured in ``benchmarks/SPEED_NOTES.md``."""
 
 GPU_ACTIVATION_SHARE = 0.25
 """Share of the GPU's free memory (at the first pass) that one pass may hold."""
 
 
-def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | None = None) -> int:
+def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | None = None,
+                               precision: str = "fp32") -> int:
     """Bytes of layer outputs one image produces: a forward pass of two images with a hook
-    on every leaf module. Backward keeps about this much per image (saved outputs and the
+    on every leaf module, under the ``precision`` the pass will run with (bfloat16 outputs
+    take half the bytes). Backward keeps about this much per image (saved outputs and the
     gradients flowing back), so it sizes the slices that bound memory."""
     from .load import eval_mode, forward_logits, model_device
 
@@ -64,17 +67,20 @@ def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | 
     try:
         with eval_mode(model), torch.no_grad():
             x = torch.zeros(2, spec.channels, h, w, dtype=next(model.parameters()).dtype, device=model_device(model))
-            forward_logits(model, x)
+            with gradient_precision(precision, x.device, spec):
+                forward_logits(model, x)
     finally:
         for hd in handles:
             hd.remove()
     return max(1, total // 2)
 
 
-def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None, budget: int | None = None) -> int:
+def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None, budget: int | None = None,
+                    precision: str = "fp32") -> int:
     """How many images fit in one forward/backward pass under the activation budget: the
     CPU's fixed budget, or a share of the GPU's free memory. Small models (Fashion-MNIST
-    scale) fit the paper's 256-image batch whole; resnet50 at 224 px takes a few images."""
+    scale) fit the paper's 256-image batch whole; resnet50 at 224 px takes one or two images
+    on a CPU (two under bfloat16, whose activations are half the size)."""
     from .load import model_device
 
     if budget is None:
@@ -84,7 +90,7 @@ def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None
             budget = int(free * GPU_ACTIVATION_SHARE)
         else:
             budget = CPU_ACTIVATION_BUDGET
-    return max(1, int(budget // activation_bytes_per_image(model, spec, side)))
+    return max(1, int(budget // activation_bytes_per_image(model, spec, side, precision)))
 
 
 PRECISIONS = ("fp32", "bf16", "auto")

@@ -62,7 +62,7 @@ def unlearn(
     gen = torch.Generator().manual_seed(settings.seed)
     n_labels = spec.num_classes - 1 if settings.label_off_by_one and spec.num_classes > 1 else spec.num_classes
     side = settings.noise_size
-    chunk = settings.unlearn_chunk or images_per_pass(work, spec, side)
+    chunk = settings.unlearn_chunk or images_per_pass(work, spec, side, precision=settings.precision)
     n = settings.unlearn_batch
     first = last = float("nan")
     for step in range(settings.unlearn_steps):

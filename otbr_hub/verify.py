@@ -47,7 +47,7 @@ def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, 
     x = F.interpolate(low, size=(spec.height, spec.width), mode="bilinear", align_corners=False)
     x = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
     y = torch.arange(n) % spec.num_classes
-    chunk = chunk or images_per_pass(model, spec)
+    chunk = chunk or images_per_pass(model, spec, precision=precision)
     out = []
     with eval_mode(model), _frozen(model):
         for i in range(0, n, chunk):
