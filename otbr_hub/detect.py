@@ -117,6 +117,13 @@ class DetectSettings:
     screen_top: int = 16
     """Classes with the highest screening margin that always get the full optimisation; the
     remaining ``max_classes - screen_top`` slots go to a uniform random sample (the null)."""
+    evidence_screen: bool = True
+    """Above ``max_classes``: the ``screen_top`` classes with the most positive evidence in the
+    classifier weights (:func:`otbr_hub.evidence.weight_evidence`, one forward pass, no
+    gradients) also get the full search. Only *which* classes are searched changes: the
+    margin p-value is calibrated for the largest of all K classes, so observing more
+    candidates cannot make it anti-conservative. With ``screen_steps=0`` these are the only
+    screened candidates, which is what makes 1000-class models affordable."""
     max_batch: int = 128
     """Most images per forward pass (memory grows with it); more classes than fit are optimised
     in consecutive chunks. Ten classes at the default inputs per class fit in one pass. Large
@@ -161,8 +168,8 @@ class DetectSettings:
     as without this option."""
 
     def __post_init__(self) -> None:
-        if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 1:
-            raise ValueError("inputs and steps must be at least 1")
+        if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 0:
+            raise ValueError("inputs and steps must be at least 1 (screen_steps: 0 skips the margin screen)")
         if self.max_classes < 3:
             raise ValueError("max_classes must be at least 3 (the null needs some classes)")
         if not 0 <= self.screen_top < self.max_classes:
@@ -357,7 +364,8 @@ def _scanning(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = None,
-               progress: Callable[[str, int, int | None], None] | None = None) -> MarginResult:
+               progress: Callable[[str, int, int | None], None] | None = None,
+               candidates: list[int] | None = None) -> MarginResult:
     """Largest margin reachable for each class, with screening above ``settings.max_classes``.
 
     Screening: every class gets ``screen_inputs`` images and ``screen_steps`` steps; the
@@ -368,6 +376,9 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
     to put it among the candidates. Cost in image forward+backward passes: K * steps *
     inputs_per_class without screening; K * screen_steps * screen_inputs + max_classes *
     steps * inputs_per_class with it (40k + 51k for K = 1000 at the defaults, instead of 800k).
+    ``candidates`` (screened models only): classes that get the full search whatever the
+    screen says, e.g. the weight evidence's top classes; with ``screen_steps=0`` the margin
+    screen is skipped and they are the only candidates besides the random sample.
     ``progress(stage, done, total)`` is told the passes done (optimisation steps only).
     """
     s = settings or DetectSettings()
@@ -376,19 +387,21 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
     k = spec.num_classes
     screened = k > s.max_classes
     passes = _Passes(progress, (k * s.screen_inputs * s.screen_steps if screened else 0)
-                     + min(k, s.max_classes) * s.inputs_per_class * s.steps)
+                     + min(k, s.max_classes + len(candidates or [])) * s.inputs_per_class * s.steps)
     with _scanning(model, device):
         screen: list[float] | None = None
         if not screened:
             full = list(range(k))
             null = list(range(k))
         else:
-            sm = _search(
-                model, spec, list(range(k)), s.screen_inputs, s.screen_steps, s.lr, s.seed, _STAGE_SCREEN, device, s.max_batch,
-                passes, s.precision,
-            )
-            screen = [sm[c] for c in range(k)]
-            top = [int(c) for c in np.argsort(-np.asarray(screen), kind="stable")[: s.screen_top]]
+            top = [int(c) for c in candidates or [] if 0 <= int(c) < k]
+            if s.screen_steps > 0:
+                sm = _search(
+                    model, spec, list(range(k)), s.screen_inputs, s.screen_steps, s.lr, s.seed, _STAGE_SCREEN, device,
+                    s.max_batch, passes, s.precision,
+                )
+                screen = [sm[c] for c in range(k)]
+                top += [int(c) for c in np.argsort(-np.asarray(screen), kind="stable")[: s.screen_top]]
             rng = np.random.default_rng(s.seed)
             null = sorted(int(c) for c in rng.choice(k, size=s.max_classes - s.screen_top, replace=False))
             full = sorted(set(top) | set(null))
@@ -690,10 +703,18 @@ def detect(model: nn.Module, spec: InputSpec, settings: DetectSettings | None = 
     if s.method == "trigger":
         det = decide_trigger(universal_trigger(model, spec, s), s)
         det.decided_by = "triggers"
+        if s.weight_evidence:
+            _add_weight_evidence(det, weight_evidence(model, spec, seed=s.seed), s)
     else:
-        det = decide(max_margin(model, spec, s, progress), s)
-    if s.weight_evidence:
-        _add_weight_evidence(det, weight_evidence(model, spec, seed=s.seed), s)
+        ev = None
+        candidates = None
+        if spec.num_classes > s.max_classes and (s.evidence_screen or s.weight_evidence):
+            ev = weight_evidence(model, spec, seed=s.seed)
+            if s.evidence_screen and ev.applicable and ev.per_class:
+                candidates = [int(c) for c in np.argsort(-np.asarray(ev.per_class), kind="stable")[: s.screen_top]]
+        det = decide(max_margin(model, spec, s, progress, candidates), s)
+        if s.weight_evidence:
+            _add_weight_evidence(det, ev or weight_evidence(model, spec, seed=s.seed), s)
     det.seconds = time.perf_counter() - t0
     return det
 

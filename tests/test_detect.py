@@ -169,6 +169,52 @@ def test_thousand_clean_classes_not_flagged() -> None:
     assert det.verdict == "clean", det
 
 
+def test_given_candidates_replace_the_margin_screen() -> None:
+    """screen_steps=0: no per-class pass; the given candidates and the random sample are
+    searched, and a backdoor among the candidates is found."""
+    k = 1000
+    spec = InputSpec(channels=1, height=SIZE, width=SIZE, mean=(0.5,), std=(0.5,), num_classes=k)
+    model = TemplateNet(random_templates(k, seed=5), target=777)
+    settings = dataclasses.replace(WIDE, screen_steps=0)
+    seen: list[tuple[int, int | None]] = []
+    result = max_margin(model, spec, settings, progress=lambda _s, done, total: seen.append((done, total)), candidates=[777, 3])
+    assert not result.screened and {777, 3} <= set(result.margins)
+    assert set(result.margins) == {777, 3} | set(result.null_classes)
+    assert seen[-1][0] == len(result.margins) * settings.inputs_per_class * settings.steps  # no screening passes
+    det = decide(result, settings)
+    assert det.verdict == "backdoored" and det.suspected_target == 777
+
+
+class HeadShift(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> pool -> linear, with one classifier row made to collect
+    the positive evidence a dirty-label target would (the BatchNorm's shift is positive)."""
+
+    def __init__(self, k: int, favoured: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, k)
+        with torch.no_grad():
+            self.bn.bias.fill_(0.5)
+            self.head.weight.mul_(0.1)
+            self.head.weight[favoured] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_weight_evidence_chooses_the_searched_classes_above_max_classes() -> None:
+    k = 200
+    spec = InputSpec(channels=1, height=SIZE, width=SIZE, mean=(0.5,), std=(0.5,), num_classes=k)
+    model = HeadShift(k, favoured=123).eval()
+    cheap = DetectSettings(inputs_per_class=1, steps=5, max_classes=8, screen_top=2, screen_steps=0, weight_evidence=False)
+    det = detect(model, spec, cheap)
+    assert 123 in det.statistics and len(det.statistics) <= cheap.max_classes + cheap.screen_top
+    assert det.weight_evidence is None  # it chose classes; it did not vote
+    off = detect(model, spec, dataclasses.replace(cheap, evidence_screen=False))
+    assert set(off.statistics) <= set(det.statistics) and 123 not in off.statistics
+
+
 def _result(margins: dict[int, float]) -> MarginResult:
     return MarginResult(margins=margins, null_classes=sorted(margins), num_classes=len(margins))
 
