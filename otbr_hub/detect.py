@@ -113,10 +113,22 @@ class DetectSettings:
     screen_inputs: int = 2
     """Starting images per class in the screening pass."""
     screen_steps: int = 20
-    """Steps of the screening pass."""
-    screen_top: int = 16
-    """Classes with the highest screening margin that always get the full optimisation; the
-    remaining ``max_classes - screen_top`` slots go to a uniform random sample (the null)."""
+    """Steps of the screening pass (0: none). Runs only when the weight evidence cannot name
+    candidates (see ``evidence_screen``)."""
+    screen_top: int = 4
+    """Candidates that get the full search above ``max_classes``: the classes with the most
+    weight evidence (``evidence_screen``) or, where that does not apply, the highest
+    screening margins."""
+    screen_sample: int | None = 20
+    """Size of the uniform random sample of classes (the null) searched above ``max_classes``;
+    None: ``max_classes - screen_top``."""
+    screened_inputs_per_class: int | None = 4
+    """Starting images per class of the full search above ``max_classes``; None: ``inputs_per_class``.
+    With the two lines below, a 1000-class model costs 24 x 4 x 50 = 4,800 image passes
+    instead of 91,200 (session 3) and a backdoor target named by the weight evidence is still
+    searched; measured on 100-class models in ``benchmarks/DETECT_NOTES.md`` ("Many classes")."""
+    screened_steps: int | None = 50
+    """Adam steps of the full search above ``max_classes``; None: ``steps``."""
     evidence_screen: bool = True
     """Above ``max_classes``: the ``screen_top`` classes with the most positive evidence in the
     classifier weights (:func:`otbr_hub.evidence.weight_evidence`, one forward pass, no
@@ -174,6 +186,10 @@ class DetectSettings:
             raise ValueError("max_classes must be at least 3 (the null needs some classes)")
         if not 0 <= self.screen_top < self.max_classes:
             raise ValueError("screen_top must be below max_classes")
+        if self.screen_sample is not None and self.screen_sample < 3:
+            raise ValueError("screen_sample must be at least 3 (the null needs some classes)")
+        if any(v is not None and v < 1 for v in (self.screened_inputs_per_class, self.screened_steps)):
+            raise ValueError("screened inputs and steps must be at least 1")
         if not 0 < self.alpha_backdoored <= self.alpha_suspicious < 1:
             raise ValueError("need 0 < alpha_backdoored <= alpha_suspicious < 1")
         if self.precision not in ("fp32", "bf16", "auto"):
@@ -186,6 +202,16 @@ class DetectSettings:
             raise ValueError("trigger search needs at least 2 backgrounds and 1 step")
         if not 0 < self.trigger_flip <= 1:
             raise ValueError("trigger_flip must be in (0, 1]")
+
+    def sample_size(self) -> int:
+        """Classes in the random null sample above ``max_classes``."""
+        return self.max_classes - self.screen_top if self.screen_sample is None else self.screen_sample
+
+    def full_budget(self, screened: bool) -> tuple[int, int]:
+        """(starting images per class, steps) of the full search."""
+        if not screened:
+            return self.inputs_per_class, self.steps
+        return self.screened_inputs_per_class or self.inputs_per_class, self.screened_steps or self.steps
 
     @classmethod
     def published(cls, **overrides: Any) -> DetectSettings:
@@ -376,9 +402,10 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
     to put it among the candidates. Cost in image forward+backward passes: K * steps *
     inputs_per_class without screening; K * screen_steps * screen_inputs + max_classes *
     steps * inputs_per_class with it (40k + 51k for K = 1000 at the defaults, instead of 800k).
-    ``candidates`` (screened models only): classes that get the full search whatever the
-    screen says, e.g. the weight evidence's top classes; with ``screen_steps=0`` the margin
-    screen is skipped and they are the only candidates besides the random sample.
+    ``candidates`` (screened models only): classes that get the full search instead of the
+    margin screen's top ones, e.g. the weight evidence's top classes; the pass over every
+    class is then skipped (at K = 1000 it alone costs 40k passes). ``screen_steps=0`` skips
+    it in any case. Above ``max_classes`` the full search uses ``full_budget(True)``.
     ``progress(stage, done, total)`` is told the passes done (optimisation steps only).
     """
     s = settings or DetectSettings()
@@ -386,8 +413,10 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
     device = torch.device(s.device) if s.device else model_device(model)
     k = spec.num_classes
     screened = k > s.max_classes
-    passes = _Passes(progress, (k * s.screen_inputs * s.screen_steps if screened else 0)
-                     + min(k, s.max_classes + len(candidates or [])) * s.inputs_per_class * s.steps)
+    n_in, n_steps = s.full_budget(screened)
+    searched = min(k, s.sample_size() + s.screen_top + len(candidates or [])) if screened else k
+    margin_screen = screened and s.screen_steps > 0 and not candidates
+    passes = _Passes(progress, (k * s.screen_inputs * s.screen_steps if margin_screen else 0) + searched * n_in * n_steps)
     with _scanning(model, device):
         screen: list[float] | None = None
         if not screened:
@@ -395,7 +424,8 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
             null = list(range(k))
         else:
             top = [int(c) for c in candidates or [] if 0 <= int(c) < k]
-            if s.screen_steps > 0:
+            screen = []  # screened, but maybe without a margin screen (screen_steps=0)
+            if s.screen_steps > 0 and not top:  # the evidence chose: no pass over every class
                 sm = _search(
                     model, spec, list(range(k)), s.screen_inputs, s.screen_steps, s.lr, s.seed, _STAGE_SCREEN, device,
                     s.max_batch, passes, s.precision,
@@ -403,10 +433,10 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
                 screen = [sm[c] for c in range(k)]
                 top += [int(c) for c in np.argsort(-np.asarray(screen), kind="stable")[: s.screen_top]]
             rng = np.random.default_rng(s.seed)
-            null = sorted(int(c) for c in rng.choice(k, size=s.max_classes - s.screen_top, replace=False))
+            null = sorted(int(c) for c in rng.choice(k, size=min(k, s.sample_size()), replace=False))
             full = sorted(set(top) | set(null))
-            passes.total = passes.done + len(full) * s.inputs_per_class * s.steps  # top and sample may overlap
-        margins = _search(model, spec, full, s.inputs_per_class, s.steps, s.lr, s.seed, _STAGE_FULL, device, s.max_batch,
+            passes.total = passes.done + len(full) * n_in * n_steps  # top and sample may overlap
+        margins = _search(model, spec, full, n_in, n_steps, s.lr, s.seed, _STAGE_FULL, device, s.max_batch,
                           passes, s.precision)
     return MarginResult(
         margins=margins, null_classes=null, num_classes=k, screen_margins=screen, seconds=time.perf_counter() - t0

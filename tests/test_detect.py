@@ -158,7 +158,7 @@ def test_thousand_classes_screened_within_budget() -> None:
     assert time.perf_counter() - t0 < 10
     assert det.screened
     assert det.screen_statistics is not None and len(det.screen_statistics) == k
-    assert len(det.statistics) <= settings.max_classes
+    assert len(det.statistics) <= settings.screen_top + settings.sample_size()
     assert det.verdict == "backdoored" and det.suspected_target == 777
 
 
@@ -178,9 +178,10 @@ def test_given_candidates_replace_the_margin_screen() -> None:
     settings = dataclasses.replace(WIDE, screen_steps=0)
     seen: list[tuple[int, int | None]] = []
     result = max_margin(model, spec, settings, progress=lambda _s, done, total: seen.append((done, total)), candidates=[777, 3])
-    assert not result.screened and {777, 3} <= set(result.margins)
+    assert result.screened and result.screen_margins == [] and {777, 3} <= set(result.margins)
     assert set(result.margins) == {777, 3} | set(result.null_classes)
-    assert seen[-1][0] == len(result.margins) * settings.inputs_per_class * settings.steps  # no screening passes
+    n_in, n_steps = settings.full_budget(True)
+    assert seen[-1][0] == len(result.margins) * n_in * n_steps  # no screening passes
     det = decide(result, settings)
     assert det.verdict == "backdoored" and det.suspected_target == 777
 
@@ -207,11 +208,12 @@ def test_weight_evidence_chooses_the_searched_classes_above_max_classes() -> Non
     k = 200
     spec = InputSpec(channels=1, height=SIZE, width=SIZE, mean=(0.5,), std=(0.5,), num_classes=k)
     model = HeadShift(k, favoured=123).eval()
-    cheap = DetectSettings(inputs_per_class=1, steps=5, max_classes=8, screen_top=2, screen_steps=0, weight_evidence=False)
+    cheap = DetectSettings(screened_inputs_per_class=1, screened_steps=5, max_classes=8, screen_top=2, screen_sample=6,
+                           weight_evidence=False)
     det = detect(model, spec, cheap)
-    assert 123 in det.statistics and len(det.statistics) <= cheap.max_classes + cheap.screen_top
+    assert 123 in det.statistics and len(det.statistics) <= cheap.screen_top + cheap.sample_size()
     assert det.weight_evidence is None  # it chose classes; it did not vote
-    off = detect(model, spec, dataclasses.replace(cheap, evidence_screen=False))
+    off = detect(model, spec, dataclasses.replace(cheap, evidence_screen=False, screen_steps=0))  # the sample alone
     assert set(off.statistics) <= set(det.statistics) and 123 not in off.statistics
 
 

@@ -76,7 +76,7 @@ def train_cmd(args: argparse.Namespace) -> None:
         return
     torch.manual_seed(args.seed)
     x, y = pairs("train", args.images, args.seed)
-    x, y, info = zoo.poison(x, y, trigger, 0.1, args.seed)
+    x, y, info = zoo.poison(x, y, trigger, zoo.default_poison_rate(trigger), args.seed)
     model = timm.create_model(ARCH, pretrained=False, num_classes=K, **ARGS)
     recipe = zoo.RECIPES["resnet"]
     old = zoo.SPEC
@@ -108,6 +108,8 @@ BUDGETS = {
     "ev-16": dict(max_classes=16, screen_top=4, screen_steps=0, inputs_per_class=4, steps=50),
     "ev-16-2x50": dict(max_classes=16, screen_top=4, screen_steps=0, inputs_per_class=2, steps=50),
     "random-16": dict(max_classes=16, screen_top=4, screen_steps=0, inputs_per_class=4, steps=50, evidence_screen=False),
+    # the screened default adopted in session 4 (64 classes: no change below that)
+    "default": dict(),
 }
 
 
@@ -129,6 +131,8 @@ def detect_cmd(args: argparse.Namespace) -> None:
                             "target_rank": ev_rank.index(target) if target is not None else None},
                "budgets": {}}
         for bname, kw in BUDGETS.items():
+            if args.budgets and bname not in args.budgets:
+                continue
             passes: list[int] = []
             t = time.perf_counter()
             # margins decide (weight_evidence=False); the evidence may still choose candidates
@@ -167,6 +171,7 @@ def main() -> None:
     d = sub.add_parser("detect")
     d.add_argument("out")
     d.add_argument("folders", nargs="+")
+    d.add_argument("--budgets", nargs="*", default=None, help="only these budgets (default: all)")
     a = p.parse_args()
     torch.set_num_threads(1)
     train_cmd(a) if a.cmd == "train" else detect_cmd(a)
