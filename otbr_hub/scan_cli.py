@@ -100,8 +100,13 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
     det.add_argument("--seed", type=int, default=0, help="seed of the random starting images (default 0)")
     det.add_argument("--device", default="auto",
                      help="'auto' (default: this process's GPU when Accelerate sees one, else the CPU), 'cpu' or 'cuda[:N]'")
-    det.add_argument("--steps", type=int, default=None, help="optimisation steps per class (default 100)")
-    det.add_argument("--inputs-per-class", type=int, default=None, help="random starting images per class (default 8)")
+    det.add_argument("--steps", type=int, default=None,
+                     help="optimisation steps per class (default 100; 50 above --max-classes classes)")
+    det.add_argument("--inputs-per-class", type=int, default=None,
+                     help="random starting images per class (default 8; 4 above --max-classes classes)")
+    det.add_argument("--max-classes", type=int, default=None,
+                     help="search every class of models with at most this many (default 64); above it, the weight "
+                          "evidence's top 4 classes and a random sample of 20 are searched at the smaller budget")
     det.add_argument("--method", choices=("robust", "mmbd"), default=None,
                      help="'robust' (default) or 'mmbd' (the published Gamma test only)")
     det.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
@@ -137,9 +142,12 @@ def _settings(args: argparse.Namespace) -> Any:
     from .scan import ScanSettings
 
     overrides = {"seed": args.seed, "device": str(resolve_device(args.device))}
-    for name in ("steps", "inputs_per_class", "method", "margin_scale", "precision"):
+    for name in ("steps", "inputs_per_class", "method", "margin_scale", "precision", "max_classes"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    for name in ("steps", "inputs_per_class"):  # an explicit budget holds for screened models too
+        if getattr(args, name) is not None:
+            overrides["screened_" + name] = getattr(args, name)
     try:
         detector = DetectSettings(**overrides)
     except ValueError as err:

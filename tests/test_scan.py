@@ -599,3 +599,20 @@ def test_weights_note_on_a_repaired_hub_model(hub_server, tmp_path) -> None:
     hub_server.add_repo("alice/example-otbr", {p.name: p for p in out.iterdir()}, library_name="timm")
     result = scan_target("alice/example-otbr", settings=FAST, endpoint=hub_server.endpoint, token=False)
     assert result.verdict == "suspicious" and "otbr_report.json" in result.backdoor.note
+
+
+def test_cli_budget_flags_reach_the_screened_search_too() -> None:
+    import argparse
+
+    from otbr_hub.errors import UsageError
+    from otbr_hub.scan_cli import _settings, add_scan_parser
+
+    parser = argparse.ArgumentParser()
+    add_scan_parser(parser.add_subparsers(dest="cmd"))
+    default = _settings(parser.parse_args(["scan", "x"])).detector
+    assert default.full_budget(False) == (8, 100) and default.full_budget(True) == (4, 50)
+    assert default.max_classes == 64 and default.screen_top + default.sample_size() == 24
+    given = _settings(parser.parse_args(["scan", "x", "--steps", "30", "--inputs-per-class", "2", "--max-classes", "200"])).detector
+    assert given.full_budget(False) == given.full_budget(True) == (2, 30) and given.max_classes == 200
+    with pytest.raises(UsageError, match="max_classes"):
+        _settings(parser.parse_args(["scan", "x", "--max-classes", "2"]))

@@ -101,14 +101,19 @@ def train_cmd(args: argparse.Namespace) -> None:
 # margin search over every class), with the weight evidence's top classes added, and
 # evidence-only screens (no per-class pass: the only kind a 1000-class model can afford)
 BUDGETS = {
-    "full": dict(max_classes=100, screen_top=16),
-    "screen-noev": dict(evidence_screen=False),  # the screen before session 4: 2 x 20 on all, top 16 + 48 random
-    "screen": dict(),  # the same plus the evidence's top 16
-    "ev-32": dict(max_classes=32, screen_top=8, screen_steps=0, inputs_per_class=4, steps=50),
-    "ev-16": dict(max_classes=16, screen_top=4, screen_steps=0, inputs_per_class=4, steps=50),
-    "ev-16-2x50": dict(max_classes=16, screen_top=4, screen_steps=0, inputs_per_class=2, steps=50),
-    "random-16": dict(max_classes=16, screen_top=4, screen_steps=0, inputs_per_class=4, steps=50, evidence_screen=False),
-    # the screened default adopted in session 4 (64 classes: no change below that)
+    "full": dict(max_classes=100),  # every class at 8 x 100: the reference
+    # the screen before session 4: a 2 x 20 margin pass over every class, its top 16 + 48 random at 8 x 100
+    "screen-noev": dict(evidence_screen=False, screen_top=16, screen_sample=48, screened_inputs_per_class=None,
+                        screened_steps=None),
+    # the same with the evidence's top 16 added (first run only: since then candidates replace the margin pass)
+    "screen": dict(screen_top=16, screen_sample=48, screened_inputs_per_class=None, screened_steps=None),
+    # evidence-only screens at 4 x 50 (2 x 50): top 8 + 24 random, top 4 + 12 random
+    "ev-32": dict(screen_top=8, screen_sample=24, screen_steps=0),
+    "ev-16": dict(screen_top=4, screen_sample=12, screen_steps=0),
+    "ev-16-2x50": dict(screen_top=4, screen_sample=12, screen_steps=0, screened_inputs_per_class=2),
+    # no candidates at all, only the random sample: what the evidence adds
+    "random-16": dict(screen_top=4, screen_sample=12, screen_steps=0, evidence_screen=False),
+    # the screened default adopted in session 4: top 4 + 20 random at 4 x 50
     "default": dict(),
 }
 
@@ -116,10 +121,10 @@ BUDGETS = {
 def detect_cmd(args: argparse.Namespace) -> None:
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.exists() else []
-    done = {r["model"] for r in rows}
     for folder in args.folders:
         name = Path(folder).name
-        if name in done:
+        old = next((r for r in rows if r["model"] == name), None)
+        if old is not None and all(b in old["budgets"] for b in (args.budgets or BUDGETS)):
             continue
         meta = json.loads(Path(folder, "trigger.json").read_text())
         target = (meta.get("trigger") or {}).get("target")
@@ -129,9 +134,9 @@ def detect_cmd(args: argparse.Namespace) -> None:
         row = {"model": name, "target": target, "acc": meta["acc"], "asr": meta.get("asr"),
                "evidence": {"top": ev.top_class, "p": ev.p_value, "z": ev.z,
                             "target_rank": ev_rank.index(target) if target is not None else None},
-               "budgets": {}}
+               "budgets": dict(old["budgets"]) if old else {}}
         for bname, kw in BUDGETS.items():
-            if args.budgets and bname not in args.budgets:
+            if (args.budgets and bname not in args.budgets) or bname in row["budgets"]:
                 continue
             passes: list[int] = []
             t = time.perf_counter()
@@ -141,7 +146,7 @@ def detect_cmd(args: argparse.Namespace) -> None:
             row["budgets"][bname] = {"top": d.top_class, "verdict": d.verdict, "p": d.p_value, "with_weights": both,
                                      "passes": passes[-1] if passes else None, "secs": round(time.perf_counter() - t, 1),
                                      "target_searched": target in d.statistics if target is not None else None}
-        rows.append(row)
+        rows = [r for r in rows if r["model"] != name] + [row]
         out.write_text(json.dumps(rows, indent=1))
         e = row["evidence"]
         print(f"{name} target {target}, evidence top {e['top']} p={e['p']:.2g} (target rank {e['target_rank']})  "
