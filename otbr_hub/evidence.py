@@ -162,13 +162,18 @@ def mean_features(model: nn.Module, spec: InputSpec, seed: int = 0, pixels: int 
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.affine and m.track_running_stats]
     if head is None or not norms:
         return None
-    gen = torch.Generator().manual_seed(seed)
     device = model_device(model)
     dtype = next(model.parameters()).dtype
+    layer = {id(m): i for i, m in enumerate(norms)}
+    at = {"start": 0}  # index of the chunk's first image
 
     def replace(mod: _BatchNorm, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        # noise drawn per (seed, layer, image): the result does not depend on how many images
+        # go through at once, which follows the device's memory
         shape = [1, -1] + [1] * (out.dim() - 2)
-        noise = torch.randn(out.shape, generator=gen).to(device, out.dtype)
+        base = (seed * 1_000_003 + layer[id(mod)]) * 1_000_003 + at["start"]
+        noise = torch.stack([torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(base + i))
+                             for i in range(out.shape[0])]).to(device, out.dtype)
         return mod.bias.detach().view(shape) + mod.weight.detach().view(shape) * noise
 
     feats: list[torch.Tensor] = []
@@ -183,6 +188,7 @@ def mean_features(model: nn.Module, spec: InputSpec, seed: int = 0, pixels: int 
         with eval_mode(model), torch.no_grad():
             for start in range(0, n, per):
                 m_ = min(per, n - start)
+                at["start"] = start
                 forward_logits(model, torch.zeros(m_, spec.channels, spec.height, spec.width, device=device, dtype=dtype))
     finally:
         for h in handles:

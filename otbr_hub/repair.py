@@ -285,6 +285,7 @@ def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSetting
 
     with t("detect"):
         flagged, _ = detector(work)
+    release_memory()  # the margin search's activations: RSS would otherwise stay there while fusing
     return detector, flagged
 
 

@@ -407,6 +407,19 @@ def test_weight_evidence_is_deterministic_and_leaves_the_model_alone() -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def test_weight_evidence_does_not_depend_on_how_many_images_go_through_at_once(monkeypatch) -> None:
+    """The noise is drawn per (seed, layer, image): a smaller memory budget (more chunks)
+    gives the same numbers, as the margins do."""
+    import otbr_hub.evidence as evidence
+
+    model = BNNet(seed=2, target=7)
+    whole = weight_evidence(model, BN_SPEC, pixels=2**14)
+    monkeypatch.setattr(evidence, "images_per_pass", lambda *a, **k: 3)
+    chunked = weight_evidence(model, BN_SPEC, pixels=2**14)
+    assert chunked.per_class == pytest.approx(whole.per_class, rel=1e-9)
+    assert weight_evidence(model, BN_SPEC, pixels=2**14, seed=1).per_class != whole.per_class
+
+
 def test_models_without_batchnorm_are_judged_by_the_margins_alone() -> None:
     model = TemplateNet(random_templates(10, seed=1), target=6)
     ev = weight_evidence(model, SPEC)
