@@ -137,10 +137,11 @@ class DetectSettings:
     evidence_screen: bool = True
     """Above ``max_classes``: the ``screen_top`` classes with the most positive evidence in the
     classifier weights (:func:`otbr_hub.evidence.weight_evidence`, one forward pass, no
-    gradients) also get the full search. Only *which* classes are searched changes: the
-    margin p-value is calibrated for the largest of all K classes, so observing more
-    candidates cannot make it anti-conservative. With ``screen_steps=0`` these are the only
-    screened candidates, which is what makes 1000-class models affordable."""
+    gradients) are the candidates, instead of a margin pass over every class (40k image
+    passes at K = 1000), which then runs only where the evidence does not apply. Only *which*
+    classes are searched changes: the margin p-value is calibrated for the largest of all K
+    classes, so choosing the observed ones cannot make it anti-conservative. The evidence
+    still votes on the verdict only with ``weight_evidence``."""
     max_batch: int = 128
     """Most images per forward pass (memory grows with it); more classes than fit are optimised
     in consecutive chunks. Ten classes at the default inputs per class fit in one pass. Large

@@ -111,8 +111,9 @@ BF16_MIN_PIXELS = 96 * 96
 """'auto' uses bfloat16 from this input area up. A speed rule, not a quality one: on a 2-core
 AVX512-BF16 CPU bfloat16 made image forward/backward passes 2.2x (resnet50), 2.5x (ViT-B/16)
 and 3.3x (convnext_tiny) faster at 224 px, but 0.5-1.15x at 32 px, where the products are
-too small to gain from it. Rankings and verdicts were unchanged at both sizes
-(``benchmarks/SPEED_NOTES.md``, "bfloat16")."""
+too small to gain from it. With bfloat16 forced on 17 zoo models (32 px) rankings and
+verdicts moved far less than with another seed; trained 224 px models were not available to
+measure (``benchmarks/SPEED_NOTES.md``, "Session 4")."""
 
 
 def resolve_precision(precision: str, device: torch.device, spec: "InputSpec | None" = None) -> str:
