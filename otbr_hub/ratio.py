@@ -7,9 +7,10 @@ synthesised from the original model itself (no data):
 * **backdoor statistic**: when the data-free detector flags the original, the smallest
   ratio at which it no longer does is chosen. This is the preferred route: it adapts the
   ratio to the model and leaves a clean-looking model at the fallback below.
-* **fallback ratio**: when nothing is flagged (or no ratio clears the flag), the
-  ``fallback`` ratio is used. The detector misses many real backdoors (see
-  ``benchmarks/DETECT_NOTES.md``), so "not flagged" is not taken as "clean".
+* **fallback ratio**: when there is no walk (nothing flagged, or only evidence the walk
+  cannot use), the ``fallback`` ratio is used. How strongly it is fused is the caller's
+  part: :func:`otbr_hub.repair.repair` fuses lightly when its scan finds nothing, at full
+  strength otherwise.
 * **agreement guard**: a candidate whose top-1 agreement with the original on the
   synthetic inputs falls below ``min_agreement`` is never chosen; the walk stops there.
   It guards against a collapsed model, not a fine-grained accuracy estimate: agreement on
@@ -54,12 +55,14 @@ def choose_ratio(
     fallback: float,
     detector: Callable[[nn.Module], tuple[bool, float]] | None = None,
     original_flagged: bool = False,
+    unflagged_reason: str | None = None,
 ) -> tuple[RatioChoice, nn.Module]:
     """Walk the candidate ratios from small to large and return the choice and its model.
 
     ``build(r)`` returns the repaired model at ratio ``r``; ``agree(m)`` its agreement
     with the original on synthetic inputs; ``detector(m)`` whether it is still flagged
-    and the p-value.
+    and the p-value. ``unflagged_reason`` explains the fallback ratio in the report when
+    there is no walk (the caller knows why: nothing flagged, or evidence the walk cannot use).
     """
     candidates: list[Candidate] = []
     use_detector = detector is not None and original_flagged
@@ -88,6 +91,8 @@ def choose_ratio(
     r, model = accepted
     if use_detector:
         why = "the backdoor statistic stayed significant at every ratio within the agreement guard; used the largest"
+    elif r == fallback and unflagged_reason:
+        why = unflagged_reason
     elif r == fallback:
         why = (f"the detector did not flag the model, which it often misses, so the default ratio {fallback:g} was used"
                if detector is not None else f"default ratio {fallback:g} (no detector)")

@@ -112,9 +112,10 @@ def _as_loaded(source: Any, **spec_kw: Any) -> LoadedModel:
 
 
 def build_repaired(work: nn.Module, pruned: PruneResult, layers: list[Layer], scores: Scores, settings: RepairSettings,
-                   progress: Progress | None = None) -> FuseResult:
-    """Fuse a pruned copy back into the working model with the settings' lambda."""
-    return fuse(work, pruned.model, layers, scores.nwc, pruned.pruned, settings.lam, fuse_attached=settings.fuse_attached,
+                   progress: Progress | None = None, lam: float | None = None) -> FuseResult:
+    """Fuse a pruned copy back into the working model with ``lam`` (default: the settings' lambda)."""
+    lam = settings.lam if lam is None else lam
+    return fuse(work, pruned.model, layers, scores.nwc, pruned.pruned, lam, fuse_attached=settings.fuse_attached,
                 progress=progress)
 
 
@@ -170,11 +171,13 @@ def repair(
         del un
         release_memory()
 
+        lam = settings.lam
+
         def build(ratio: float) -> nn.Module:
             with t("prune"):
                 pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
             with t("fuse"):
-                fr = build_repaired(work, pr, layers, scores, settings, progress=progress)
+                fr = build_repaired(work, pr, layers, scores, settings, progress=progress, lam=lam)
             # the report needs which neurons were pruned, not the pruned copy: let it go
             fr.model._otbr_prune, fr.model._otbr_fuse = dataclasses.replace(pr, model=None), fr
             return fr.model
@@ -183,9 +186,12 @@ def repair(
             probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed, precision=settings.precision)
             reference = predictions(work, spec, probe)  # the original's answers, reused for every candidate
         scan_before = scan_after = None
+        det_fn = None
         if settings.prune_ratio == "auto":
-            det_fn, flagged = _detector(detector, work, spec, settings, t)
-            scan_before = _last_scan(det_fn)
+            plan = _scan_original(detector, work, spec, settings, t)
+            scan_before, det_fn = plan.scan, plan.walk_detector
+            if plan.light:
+                lam = settings.clean_lambda
             with t("choose_ratio"):
                 choice, fused_model = choose_ratio(
                     settings.grid(),
@@ -194,7 +200,8 @@ def repair(
                     settings.min_agreement,
                     settings.fallback_ratio,
                     detector=det_fn,
-                    original_flagged=flagged,
+                    original_flagged=det_fn is not None,
+                    unflagged_reason=plan.reason,
                 )
         else:
             fused_model = build(float(settings.prune_ratio))
@@ -203,7 +210,7 @@ def repair(
         fr: FuseResult = fused_model._otbr_fuse
         del fused_model._otbr_prune, fused_model._otbr_fuse
 
-        if settings.prune_ratio == "auto" and det_fn is not None:
+        if det_fn is not None:
             with t("detect"):
                 det_fn(fused_model)
             scan_after = _last_scan(det_fn)
@@ -226,7 +233,7 @@ def repair(
         prune_ratio=choice.ratio,
         ratio_reason=choice.reason,
         ratio_candidates=[c.to_dict() for c in choice.candidates],
-        lam=settings.lam,
+        lam=lam,
         layers_scored=len(layers),
         neurons_scored=scores.total,
         neurons_pruned=pr.k,
@@ -236,7 +243,7 @@ def repair(
                     "momentum": settings.unlearn_momentum, "normalized_noise": settings.normalize_noise,
                     "precision": resolve_precision(settings.precision, device, spec), **losses},
         fusion={"solver": "ot.emd (exact)", "first_layer": fr.first_layer, "fused_layers": len(fr.fused_layers),
-                "input_aligned_layers": len(fr.aligned_layers), "lambda": settings.lam},
+                "input_aligned_layers": len(fr.aligned_layers), "lambda": lam},
         verification=check.to_dict(),
         timings={k: round(v, 3) for k, v in t.times.items()},
         scan_before=scan_before,
@@ -264,29 +271,74 @@ def _working_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
         yield model
 
 
-def _detector(detector: Any, work: nn.Module, spec: Any, settings: RepairSettings, t: _Timer):
-    """Wrap the max-margin detector as ``model -> (flagged, p)`` and run it on the original."""
+@dataclass
+class _Plan:
+    """What the scan of the original says about how to repair it (``--prune-ratio auto``)."""
+
+    walk_detector: Any | None
+    """``model -> (flagged, p)`` to walk the ratio grid with; None: no walk (the fallback ratio)."""
+    light: bool
+    """Nothing flagged the original: fuse with ``clean_lambda`` instead of ``lam``."""
+    reason: str | None
+    """Why the fallback ratio is used, for the report (None: the walk explains itself)."""
+    scan: dict[str, Any] | None
+    """The scan of the original, as it goes into the report."""
+
+
+def _scan_original(detector: Any, work: nn.Module, spec: Any, settings: RepairSettings, t: _Timer) -> _Plan:
+    """Scan the original and decide how strongly to repair it.
+
+    * The max-margin statistic flags it: walk the ratio grid until it no longer does (it can
+      tell when the trigger stops working, so the ratio follows the model).
+    * Only the weight evidence flags it (a label shift towards one class): full strength at the
+      fallback ratio. The evidence reads the classifier and BatchNorm moments, which repair
+      leaves alone, so it cannot say when the backdoor is gone (measured on
+      resnet-badnets-t6-s1-quick: p 2e-4 at every ratio; benchmarks/DETECT_NOTES.md).
+    * Nothing flags it: the fallback ratio fused with ``clean_lambda``. At lambda 0.5 clean zoo
+      models lost 1-16 accuracy points, at 0.1 at most 0.8 (benchmarks/NOTES.md, 7.1 and 8);
+      the backdoors the scan misses were not removed by full strength either.
+    * ``detector=False``: no scan, full strength at the fallback ratio.
+    A custom ``detector`` (``model -> (flagged, p)``) plays the margins' part.
+    """
     if detector is False:
-        return None, False
+        return _Plan(None, False, None, None)
     if detector is None:
         try:
             from .detect import DetectSettings, detect
         except ImportError:
-            return None, False
-        # Margins only: the weight evidence reads the classifier head and BatchNorm moments,
-        # which pruning does not change, so it would keep every candidate ratio "flagged"
-        # (measured on resnet-badnets-t6-s1-quick: p 2e-4 at every ratio; DETECT_NOTES.md).
-        ds = DetectSettings(seed=settings.seed, weight_evidence=False, precision=settings.precision)
+            return _Plan(None, False, None, None)
+        full = DetectSettings(seed=settings.seed, precision=settings.precision)
+        with t("detect"):
+            first = detect(work, spec, full, progress=t.progress)
+        release_memory()  # the margin search's activations: RSS would otherwise stay there while fusing
+        scan = first.to_dict()
+        margins_p = first.p_first if first.p_first is not None else first.p_value
+        if margins_p < full.alpha_suspicious:
+            margins_only = dataclasses.replace(full, weight_evidence=False)
 
-        def detector(m: nn.Module) -> tuple[bool, float]:
-            d = detect(m, spec, ds, progress=t.progress)
-            detector.last = d.to_dict()  # type: ignore[attr-defined]
-            return d.verdict != "clean", float(d.p_value)
+            def walk(m: nn.Module) -> tuple[bool, float]:
+                d = detect(m, spec, margins_only, progress=t.progress)
+                walk.last = d.to_dict()  # type: ignore[attr-defined]
+                return d.verdict != "clean", float(d.p_value)
 
+            return _Plan(walk, False, None, scan)
+        if first.verdict != "clean":
+            why = (f"the scan flags class {first.suspected_target} through the weight evidence only (p={first.p_value:.3g}), "
+                   f"which cannot tell when a backdoor is gone, so the default ratio {settings.fallback_ratio:g} was used at "
+                   f"full strength (lambda {settings.lam:g})")
+            return _Plan(None, False, why, scan)
+        why = (f"the scan found no backdoor evidence (p={first.p_value:.3g}), so the default ratio {settings.fallback_ratio:g} "
+               f"was fused lightly (lambda {settings.clean_lambda:g}) to keep a clean model's accuracy; the scan misses some "
+               f"backdoors: give --prune-ratio {settings.fallback_ratio:g} for a full-strength repair")
+        return _Plan(None, True, why, scan)
     with t("detect"):
-        flagged, _ = detector(work)
-    release_memory()  # the margin search's activations: RSS would otherwise stay there while fusing
-    return detector, flagged
+        flagged, p = detector(work)
+    release_memory()
+    if flagged:
+        return _Plan(detector, False, None, _last_scan(detector))
+    why = (f"the detector did not flag the model (p={p:.3g}), so the default ratio {settings.fallback_ratio:g} was fused "
+           f"lightly (lambda {settings.clean_lambda:g})")
+    return _Plan(None, True, why, _last_scan(detector))
 
 
 def _last_scan(detector: Any) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otbr_hub.errors import UsageError
 from otbr_hub.fuse import fuse, target_mass
 from otbr_hub.layers import Layer, classifier_name, select_layers
 from otbr_hub.load import from_model
@@ -574,3 +575,55 @@ def test_repair_of_an_fp32_model_leaves_its_weights_and_modes_alone(ratio):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert res.model is not model and res.report.neurons_pruned >= 1
+
+
+# --------------------------------------------------------------------------- repair strength follows the scan
+
+
+def _counting_detector(flag_original: bool):
+    """A custom detector (the ``model -> (flagged, p)`` hook): flags only the first model it
+    sees (the original) when asked to, and counts its calls."""
+    calls: list[bool] = []
+
+    def detector(model: nn.Module) -> tuple[bool, float]:
+        flagged = flag_original and not calls
+        calls.append(flagged)
+        return flagged, 0.001 if flagged else 0.5
+
+    return detector, calls
+
+
+def test_auto_repair_is_light_when_nothing_flags_the_model():
+    detector, calls = _counting_detector(flag_original=False)
+    res = repair(small_cnn(), prune_ratio="auto", **{**FAST, "detector": detector}, **CNN_SPEC)
+    rep = res.report
+    s = preset("default")
+    assert calls == [False]  # the original only: no walk, no scan afterwards
+    assert rep.lam == rep.fusion["lambda"] == s.clean_lambda < s.lam
+    assert rep.prune_ratio == s.fallback_ratio
+    assert "lightly" in rep.ratio_reason and f"lambda {s.clean_lambda:g}" in rep.ratio_reason
+    # the light fusion is exactly the fixed-ratio repair with that lambda
+    fixed = repair(small_cnn(), prune_ratio=s.fallback_ratio, lam=s.clean_lambda, **FAST, **CNN_SPEC)
+    for k, v in fixed.model.state_dict().items():
+        assert torch.equal(v, res.model.state_dict()[k]), k
+
+
+def test_auto_repair_walks_at_full_strength_when_the_detector_flags_the_model():
+    detector, calls = _counting_detector(flag_original=True)
+    res = repair(small_cnn(), prune_ratio="auto", clean_lambda=0.0, **{**FAST, "detector": detector}, **CNN_SPEC)
+    rep = res.report
+    grid = preset("default").grid()
+    assert rep.lam == rep.fusion["lambda"] == 0.5
+    assert rep.prune_ratio == grid[0] and "no longer significant" in rep.ratio_reason
+    assert calls == [True, False, False]  # original, first candidate, the scan after repair
+
+
+def test_fixed_ratio_and_no_detector_keep_full_strength():
+    for kw in (dict(prune_ratio=0.2), dict(prune_ratio="auto")):  # FAST has detector=False
+        rep = repair(small_cnn(), clean_lambda=0.0, **kw, **FAST, **CNN_SPEC).report
+        assert rep.lam == rep.fusion["lambda"] == 0.5, kw
+
+
+def test_clean_lambda_is_validated():
+    with pytest.raises(UsageError, match="--clean-lambda"):
+        preset("default", clean_lambda=1.5)

@@ -30,6 +30,7 @@ from torch import nn
 from otbr_hub.cli import main
 from otbr_hub.detect import DetectSettings
 from otbr_hub.load import from_model
+from otbr_hub.repair import repair
 from otbr_hub.report import ScanReport, exit_code, json_schema, to_json, to_markdown, to_sarif
 from otbr_hub.save import save_model
 from otbr_hub.scan import ScanSettings, expand_targets, scan, scan_target
@@ -616,3 +617,26 @@ def test_cli_budget_flags_reach_the_screened_search_too() -> None:
     assert given.full_budget(False) == given.full_budget(True) == (2, 30) and given.max_classes == 200
     with pytest.raises(UsageError, match="max_classes"):
         _settings(parser.parse_args(["scan", "x", "--max-classes", "2"]))
+
+
+# --------------------------------------------------------------------------- repair uses the same scan
+
+
+@pytest.mark.slow
+def test_auto_repair_strength_follows_the_scan_of_the_original() -> None:
+    """``repair --prune-ratio auto`` scans the original with the scan's default detector
+    (margins and weight evidence): nothing found -> light fusion (``clean_lambda``) and no
+    scan after; margins flag it -> the ratio walk at full strength and a scan after."""
+    fast = dict(unlearn_steps=2, unlearn_batch=8, verify_samples=8, device="cpu", input_size=INPUT, mean=MEAN, std=STD)
+    clean = repair(clean_model(), prune_ratio="auto", **fast).report
+    assert clean.scan_before["verdict"] == "clean" and clean.scan_before["weight_evidence"] is not None
+    assert clean.lam == clean.settings["clean_lambda"] and clean.scan_after is None
+    assert "no backdoor evidence" in clean.ratio_reason
+
+    bad = repair(backdoored_model(), prune_ratio="auto", **fast).report
+    assert bad.scan_before["verdict"] == "backdoored" and bad.scan_before["suspected_target"] == TARGET
+    assert bad.lam == bad.settings["lam"] == 0.5
+    assert bad.scan_after is not None and bad.scan_after["weight_evidence"] is None  # margins only after repair
+    # the walk ran: every candidate within the guard was scanned (this hand-made backdoor
+    # survives pruning, so the walk ends at the largest ratio)
+    assert bad.ratio_candidates and all(c["flagged"] is not None for c in bad.ratio_candidates)
