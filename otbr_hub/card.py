@@ -151,7 +151,7 @@ def _scan_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "verdict": str(scan.get("verdict", "-")),
             "p_value": _num(scan.get("p_value"), "{:.3g}"),
             "target": _num(scan.get("suspected_target"), "{}"),
-            "method": str(scan.get("method", "-")),
+            "decided_by": str(scan.get("decided_by") or scan.get("method") or "-"),
         })
     return rows
 
