@@ -3,9 +3,19 @@
 For each scored layer from the first one with a pruned neuron onwards, an exact OT plan
 (POT's ``ot.emd``) moves uniform mass on the pruned neurons to NWC-proportional mass on
 the original neurons, with Euclidean cost between flattened filters. The pruned layer is
-first aligned on its *input* axis with the previous layer's plan (when that layer feeds
-this one, i.e. widths match and the conv is not grouped), then mapped through the plan
-and averaged with the original: ``lam * fused + (1 - lam) * original``.
+first aligned on its *input* axis with the previous layer's plan, then mapped through its
+own plan and averaged with the original: ``lam * fused + (1 - lam) * original``.
+
+Which layer feeds which (``links``):
+
+* ``chain="dataflow"`` (default): a layer's outputs are mapped through its plan, and the
+  next layer's inputs aligned with it, only where the next scored layer reads this layer's
+  output *alone* (:func:`dataflow_links`). A layer that writes into a residual sum, feeds
+  the classifier or a depthwise conv keeps its neuron order (its pruned neurons end at
+  ``1 - lam`` strength): a plan applied there would re-order channels that the skip path
+  and every later block still read in the old order.
+* ``chain="order"``: the reference code's rule, plans chained in parameter order wherever
+  the widths match, residual topology ignored (the ``paper`` preset).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from scipy import sparse
 from torch import nn
 
 from .layers import Layer
+from .load import InputSpec, eval_mode, forward_logits, model_device
 
 log = logging.getLogger("otbr_hub")
 
@@ -38,6 +49,8 @@ class FuseResult:
     first_layer: str | None
     fused_layers: list[str] = field(default_factory=list)
     aligned_layers: list[str] = field(default_factory=list)
+    mapped_layers: list[str] = field(default_factory=list)
+    """Layers whose neurons went through their OT plan (the others kept their order)."""
     plan_cost: dict[str, float] = field(default_factory=dict)
 
 
@@ -90,6 +103,78 @@ def align_inputs(w: np.ndarray, plan_prev: np.ndarray, b_prev: np.ndarray) -> np
     return aligned.reshape(p, k, -1).transpose(0, 2, 1)
 
 
+class _Reached(Exception):
+    """Raised by a pre-hook to end a forward pass once the input it wanted was seen."""
+
+
+def dataflow_links(model: nn.Module, spec: InputSpec, layers: list[Layer]) -> list[bool]:
+    """``links[i]``: ``layers[i + 1]`` reads the output of ``layers[i]`` and nothing else.
+
+    Tested, not parsed, so it holds for any library's forward code: with ``layers[i]``'s
+    output replaced by zeros, the input of ``layers[i + 1]`` must be the same for two
+    different images (it can then depend only on that output, through per-channel maps such
+    as BatchNorm, activations or a token mixer over its values). A residual sum, a layer
+    reading the block input, or attention keys reading what queries read keep differing.
+    Widths must match and the reader must not be grouped (a depthwise conv cannot take an
+    input re-ordering). One normal pass and one truncated pass per pair, two images.
+    """
+    n = len(layers)
+    if n < 2:
+        return [False] * n
+    mods = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    x = spec.normalize(torch.rand(2, spec.channels, spec.height, spec.width, generator=gen)).to(model_device(model))
+
+    def spread(t: torch.Tensor) -> float:
+        return float((t[0] - t[1]).abs().max())
+
+    normal: dict[str, float] = {}
+
+    def record(name: str):
+        def hook(m, inp):  # returns None: the input is left as it is
+            normal.setdefault(name, spread(inp[0].detach().float()))
+        return hook
+
+    hooks = [mods[l.name].register_forward_pre_hook(record(l.name)) for l in layers]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            forward_logits(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    links = []
+    for a, b in zip(layers, layers[1:]):
+        if b.groups != 1 or a.n_out != b.n_in or not normal.get(b.name):
+            links.append(False)
+            continue
+        seen: dict[str, float] = {}
+
+        def grab(m, inp, seen=seen):
+            seen["spread"] = spread(inp[0].detach().float())
+            raise _Reached
+
+        h1 = mods[a.name].register_forward_hook(lambda m, inp, out: torch.zeros_like(out))
+        h2 = mods[b.name].register_forward_pre_hook(grab)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                forward_logits(model, x)
+        except _Reached:
+            pass
+        finally:
+            h1.remove()
+            h2.remove()
+        links.append("spread" in seen and seen["spread"] <= 1e-5 * normal[b.name])
+    links.append(False)  # the last scored layer feeds the classifier, which is not fused
+    return links
+
+
+def order_links(layers: list[Layer]) -> list[bool]:
+    """The reference rule: every layer is mapped through its plan, and the next scored layer
+    aligned with it wherever the widths match (checked in :func:`fuse`)."""
+    return [True] * len(layers)
+
+
 def fuse(
     original: nn.Module,
     pruned: nn.Module,
@@ -99,9 +184,15 @@ def fuse(
     lam: float,
     *,
     fuse_attached: bool = True,
+    links: list[bool] | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> FuseResult:
     """Fuse ``pruned`` into ``original``; returns a new model, both inputs are left untouched.
+
+    ``links`` (one per layer, see :func:`dataflow_links`): ``links[i]`` maps layer i's
+    neurons through its OT plan and aligns layer i + 1's inputs with it; without it a layer
+    keeps its neuron order. Default: :func:`order_links` (the reference: every layer mapped,
+    the last one too, although its reader, the classifier, is never aligned).
     ``progress("fuse", i, n)`` is called after each of the ``n`` layers when given."""
     fused = copy.deepcopy(original)
     result = FuseResult(model=fused, lam=lam, first_layer=None)
@@ -112,25 +203,36 @@ def fuse(
     mods_o = dict(original.named_modules())
     mods_p = dict(pruned.named_modules())
     mods_f = dict(fused.named_modules())
+    links = order_links(layers) if links is None else links
+    if len(links) != len(layers):
+        raise ValueError(f"fuse: {len(links)} links for {len(layers)} layers")
     prev: tuple[np.ndarray, np.ndarray] | None = None
     todo = layers[start:]
     for done, layer in enumerate(todo, 1):
+        i = start + done - 1
         w_bd_t = mods_o[layer.name].weight.detach()
         w_bd = w_bd_t.double().cpu().numpy()
         w_pn = mods_p[layer.name].weight.detach().double().cpu().numpy()
         n = w_bd.shape[0]
-        flat_bd, flat_pn = w_bd.reshape(n, -1), w_pn.reshape(n, -1)
-        b = target_mass(nwc[layer.name].numpy())
-        cost = ot.dist(flat_pn, flat_bd, metric="euclidean")
-        plan = transport_plan(flat_pn, flat_bd, b, cost=cost)
-        result.plan_cost[layer.name] = float((plan * cost).sum())
-        del cost
         w_al = w_pn.reshape(n, w_pn.shape[1], -1)
         if prev is not None and layer.groups == 1 and w_pn.shape[1] == prev[0].shape[0]:
             w_al = align_inputs(w_al, *prev)
             result.aligned_layers.append(layer.name)
-        mapping = _sparse_map(plan, b, transpose=True)  # diag(1/b) T^T
-        w_fused = np.asarray(mapping @ w_al.reshape(n, -1)).reshape(w_bd.shape)
+        prev = None
+        mapping = None
+        if links[i]:
+            flat_bd, flat_pn = w_bd.reshape(n, -1), w_pn.reshape(n, -1)
+            b = target_mass(nwc[layer.name].numpy())
+            cost = ot.dist(flat_pn, flat_bd, metric="euclidean")
+            plan = transport_plan(flat_pn, flat_bd, b, cost=cost)
+            result.plan_cost[layer.name] = float((plan * cost).sum())
+            del cost
+            mapping = _sparse_map(plan, b, transpose=True)  # diag(1/b) T^T
+            w_fused = np.asarray(mapping @ w_al.reshape(n, -1)).reshape(w_bd.shape)
+            prev = (plan, b)
+            result.mapped_layers.append(layer.name)
+        else:  # keeps its neuron order: nothing downstream reads it re-ordered
+            w_fused = w_al.reshape(w_bd.shape)
         new = lam * w_fused + (1.0 - lam) * w_bd
         if not np.isfinite(new).all():
             raise FloatingPointError(f"fusion produced non-finite weights in {layer.name}")
@@ -139,14 +241,15 @@ def fuse(
             if fuse_attached:
                 _fuse_attached(layer, mods_o, mods_p, mods_f, mapping, lam)
         result.fused_layers.append(layer.name)
-        prev = (plan, b)
         if progress is not None:
             progress("fuse", done, len(todo))
     return result
 
 
-def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mapping: sparse.csr_matrix, lam: float) -> None:
-    """Carry the neuron's bias and its BatchNorm channel through the same OT map."""
+def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mapping: sparse.csr_matrix | None,
+                   lam: float) -> None:
+    """Carry the neuron's bias and its BatchNorm channel through the same OT map (``None``:
+    the layer keeps its order, so they are averaged channel by channel)."""
     pairs = [(layer.name, "bias")]
     if layer.norm_name:
         pairs += [(layer.norm_name, t) for t in _NORM_TENSORS]
@@ -156,7 +259,7 @@ def _fuse_attached(layer: Layer, mods_o: dict, mods_p: dict, mods_f: dict, mappi
             continue
         v_o = t_o.detach().double().cpu().numpy()
         v_p = getattr(mods_p[mod_name], attr).detach().double().cpu().numpy()
-        v = lam * np.asarray(mapping @ v_p) + (1.0 - lam) * v_o
+        v = lam * (np.asarray(mapping @ v_p) if mapping is not None else v_p) + (1.0 - lam) * v_o
         if attr == "running_var":
             v = np.maximum(v, 1e-8)
         getattr(mods_f[mod_name], attr).copy_(torch.from_numpy(v).to(t_o.dtype))

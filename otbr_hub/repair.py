@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .errors import OtbrError, UnsupportedModelError
-from .fuse import FuseResult, fuse
+from .fuse import FuseResult, dataflow_links, fuse
 from .layers import Layer, select_layers
 from .load import LoadedModel, check_forward, eval_mode, from_model, load_folder
 from .placement import release_memory, resolve_device, resolve_precision
@@ -112,11 +112,12 @@ def _as_loaded(source: Any, **spec_kw: Any) -> LoadedModel:
 
 
 def build_repaired(work: nn.Module, pruned: PruneResult, layers: list[Layer], scores: Scores, settings: RepairSettings,
-                   progress: Progress | None = None, lam: float | None = None) -> FuseResult:
-    """Fuse a pruned copy back into the working model with ``lam`` (default: the settings' lambda)."""
+                   progress: Progress | None = None, lam: float | None = None, links: list[bool] | None = None) -> FuseResult:
+    """Fuse a pruned copy back into the working model with ``lam`` (default: the settings' lambda);
+    ``links``: :func:`otbr_hub.fuse.dataflow_links` of the model (None: the reference chain)."""
     lam = settings.lam if lam is None else lam
     return fuse(work, pruned.model, layers, scores.nwc, pruned.pruned, lam, fuse_attached=settings.fuse_attached,
-                progress=progress)
+                links=links, progress=progress)
 
 
 def repair(
@@ -163,6 +164,7 @@ def repair(
     with _working_model(loaded.model, device) as work:
         check_forward(work, spec)
         layers = select_layers(work, settings)
+        links = dataflow_links(work, spec, layers) if settings.fuse_chain == "dataflow" else None
         with t("unlearn"):
             un = unlearn(work, spec, settings, device, progress=progress)
         with t("score"):
@@ -177,7 +179,7 @@ def repair(
             with t("prune"):
                 pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
             with t("fuse"):
-                fr = build_repaired(work, pr, layers, scores, settings, progress=progress, lam=lam)
+                fr = build_repaired(work, pr, layers, scores, settings, progress=progress, lam=lam, links=links)
             # the report needs which neurons were pruned, not the pruned copy: let it go
             fr.model._otbr_prune, fr.model._otbr_fuse = dataclasses.replace(pr, model=None), fr
             return fr.model
@@ -242,7 +244,8 @@ def repair(
         unlearning={"steps": settings.unlearn_steps, "batch": settings.unlearn_batch, "lr": settings.unlearn_lr,
                     "momentum": settings.unlearn_momentum, "normalized_noise": settings.normalize_noise,
                     "precision": resolve_precision(settings.precision, device, spec), **losses},
-        fusion={"solver": "ot.emd (exact)", "first_layer": fr.first_layer, "fused_layers": len(fr.fused_layers),
+        fusion={"solver": "ot.emd (exact)", "chain": settings.fuse_chain, "first_layer": fr.first_layer,
+                "fused_layers": len(fr.fused_layers), "ot_mapped_layers": len(fr.mapped_layers),
                 "input_aligned_layers": len(fr.aligned_layers), "lambda": lam},
         verification=check.to_dict(),
         timings={k: round(v, 3) for k, v in t.times.items()},

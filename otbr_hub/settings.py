@@ -54,6 +54,11 @@ class RepairSettings:
     # pruning and fusion
     prune_norm: bool = _opt(True, "also silence the BatchNorm channel that follows a pruned conv filter")
     fuse_attached: bool = _opt(True, "carry biases and following BatchNorm parameters through the OT map with their neuron")
+    fuse_chain: str = _opt(
+        "dataflow", "which layers go through their OT plan: 'dataflow' (only where the next scored layer reads the "
+        "layer's output alone; residual writers keep their channel order) or 'order' (the reference: every layer, "
+        "plans chained in parameter order across residual sums)"
+    )
     # auto ratio
     ratio_grid: str = _opt(
         "0.01,0.02,0.03,0.05,0.08,0.1,0.15", "candidate ratios tried by --prune-ratio auto when the detector flags the model"
@@ -97,6 +102,8 @@ class RepairSettings:
         kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}
         if not kinds or not kinds <= {"conv", "linear"}:
             raise UsageError(f"--layer-types takes conv and/or linear, got '{self.layer_types}'")
+        if self.fuse_chain not in ("dataflow", "order"):
+            raise UsageError(f"--fuse-chain must be 'dataflow' or 'order', got '{self.fuse_chain}'")
         if self.ranking not in ("global", "layer-normalized"):
             raise UsageError(f"--ranking must be 'global' or 'layer-normalized', got '{self.ranking}'")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -139,6 +146,7 @@ PAPER = dict(
     ranking="global",
     prune_norm=False,
     fuse_attached=False,
+    fuse_chain="order",  # plans chained in parameter order, residual topology ignored
     precision="fp32",  # the reference code's arithmetic
 )
 

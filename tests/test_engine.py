@@ -627,3 +627,101 @@ def test_fixed_ratio_and_no_detector_keep_full_strength():
 def test_clean_lambda_is_validated():
     with pytest.raises(UsageError, match="--clean-lambda"):
         preset("default", clean_lambda=1.5)
+
+
+# --------------------------------------------------------------------------- which layers feed which (fuse_chain)
+
+
+class ResidualNet(nn.Module):
+    """stem -> [a -> BN -> ReLU -> b] + skip -> c -> pool -> fc: ``a`` feeds ``b`` alone,
+    ``b`` writes into a residual sum that ``c`` reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.b(F.relu(self.bn(self.a(x)))))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c(x)), 1).flatten(1))
+
+
+def _links(model, **spec):
+    from otbr_hub.fuse import dataflow_links
+
+    lm = from_model(model, **spec)
+    layers = select_layers(model, preset("default"))
+    return {l.name: k for l, k in zip(layers, dataflow_links(model, lm.spec, layers))}
+
+
+def test_dataflow_links_follow_the_graph_not_the_parameter_order():
+    torch.manual_seed(0)
+    assert _links(ResidualNet().eval(), input_size=(3, 8, 8)) == {"a": True, "b": False, "c": False}
+    # timm resnet: conv1 -> conv2 inside a block; conv2 writes the residual sum
+    links = _links(tiny_timm_resnet(), input_size=(3, 32, 32))
+    assert links["layer1.0.conv1"] and not links["layer1.0.conv2"] and not links["layer4.0.conv2"]
+    # transformers ViT: value -> attention output and MLP hidden -> MLP output read alone; query,
+    # key and the residual writers do not feed the next scored layer
+    from tiny import tiny_vit
+
+    links = _links(tiny_vit(), input_size=(3, 32, 32))
+    blk = "vit.layers.0."
+    assert links[blk + "attention.v_proj"] and links[blk + "mlp.fc1"]
+    for name in ("attention.q_proj", "attention.k_proj", "attention.o_proj", "mlp.fc2"):
+        assert not links[blk + name], name
+
+
+def test_dataflow_fusion_keeps_the_residual_stream_in_order():
+    """With uniform NWC mass the OT plan is a permutation: unpruned neurons stay, pruned
+    (zero) ones swap among themselves. At lambda 1 the dataflow fusion is then exactly the
+    pruned model as a function. The reference chain also permutes the *inputs* of the layer
+    after the residual sum among the pruned channels, which the skip path still fills, so it
+    computes something else."""
+    from otbr_hub.fuse import dataflow_links
+
+    torch.manual_seed(0)
+    model = ResidualNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+    spec = from_model(model, input_size=(3, 8, 8)).spec
+    layers = select_layers(model, preset("default"))
+    nwc = {l.name: torch.ones(l.n_out, dtype=torch.float64) for l in layers}
+    pruned = copy.deepcopy(model)
+    idx = {"a": [1, 4], "b": [0, 3], "c": [2, 5]}
+    with torch.no_grad():
+        for name, rows in idx.items():
+            getattr(pruned, name).weight[rows] = 0
+            if getattr(pruned, name).bias is not None:
+                getattr(pruned, name).bias[rows] = 0
+        pruned.bn.weight[idx["a"]] = 0
+        pruned.bn.bias[idx["a"]] = 0
+    x = spec.normalize(torch.rand(5, 3, 8, 8))
+    links = dataflow_links(model, spec, layers)
+    flow = fuse(model, pruned, layers, nwc, idx, 1.0, links=links)
+    order = fuse(model, pruned, layers, nwc, idx, 1.0)
+    with torch.no_grad():
+        want = pruned(x)
+        torch.testing.assert_close(flow.model(x), want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(order.model(x), want, rtol=1e-3, atol=1e-3)
+    assert flow.mapped_layers == ["a"] and order.mapped_layers == ["a", "b", "c"]
+
+
+def test_fusion_without_links_is_the_plain_average():
+    model, layers, scores = cnn_layers_and_scores()
+    pr = prune(model, layers, scores, 0.3)
+    fr = fuse(model, pr.model, layers, scores.nwc, pr.pruned, 0.25, links=[False] * len(layers))
+    assert fr.mapped_layers == []
+    for l in layers[layers.index(next(l for l in layers if pr.pruned.get(l.name))):]:
+        want = 0.25 * dict(pr.model.named_modules())[l.name].weight + 0.75 * l.module.weight
+        torch.testing.assert_close(dict(fr.model.named_modules())[l.name].weight, want)
+
+
+def test_paper_preset_keeps_the_reference_chain():
+    assert preset("paper").fuse_chain == "order" and preset("default").fuse_chain == "dataflow"
+    with pytest.raises(UsageError, match="--fuse-chain"):
+        preset("default", fuse_chain="graph")
