@@ -161,6 +161,8 @@ def dataflow_links(model: nn.Module, spec: InputSpec, layers: list[Layer]) -> li
                 forward_logits(model, x)
         except _Reached:
             pass
+        except Exception as err:  # a forward that cannot run on a zeroed layer: no link, the safe side
+            log.debug("data-flow probe %s -> %s failed: %s", a.name, b.name, err)
         finally:
             h1.remove()
             h2.remove()
