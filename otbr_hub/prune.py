@@ -26,31 +26,48 @@ class PruneResult:
         return {name: len(idx) for name, idx in self.pruned.items() if idx}
 
 
-def top_neurons(scores: Scores, ratio: float) -> dict[str, list[int]]:
+def top_neurons(scores: Scores, ratio: float, layer_cap: float = 0.0) -> dict[str, list[int]]:
     """The ``floor(ratio * total)`` (at least one) highest-ranked neurons across all layers.
 
-    Ties are broken by layer order then channel index, so the choice is deterministic.
+    ``layer_cap`` > 0: no layer gives up more than ``max(1, floor(layer_cap * ratio * n))`` of
+    its ``n`` neurons; the budget then goes to the next-ranked neurons of other layers (if
+    every layer is full, fewer are chosen). Ties are broken by layer order then channel
+    index, so the choice is deterministic.
     """
     names = list(scores.rank)
     values = torch.cat([scores.rank[n].double() for n in names])
     owner = torch.cat([torch.full((scores.rank[n].numel(),), i) for i, n in enumerate(names)])
     local = torch.cat([torch.arange(scores.rank[n].numel()) for n in names])
     k = max(1, int(ratio * values.numel()))
-    order = torch.sort(-values, stable=True).indices[:k]
+    order = torch.sort(-values, stable=True).indices
     chosen: dict[str, list[int]] = {n: [] for n in names}
+    if layer_cap <= 0:
+        for j in order[:k].tolist():
+            chosen[names[int(owner[j])]].append(int(local[j]))
+        return {n: sorted(v) for n, v in chosen.items()}
+    room = [max(1, int(layer_cap * ratio * scores.rank[n].numel())) for n in names]
+    taken = 0
     for j in order.tolist():
-        chosen[names[int(owner[j])]].append(int(local[j]))
+        i = int(owner[j])
+        if room[i] > 0:
+            chosen[names[i]].append(int(local[j]))
+            room[i] -= 1
+            taken += 1
+            if taken == k:
+                break
     return {n: sorted(v) for n, v in chosen.items()}
 
 
-def prune(model: nn.Module, layers: list[Layer], scores: Scores, ratio: float, *, silence_norm: bool = True) -> PruneResult:
+def prune(model: nn.Module, layers: list[Layer], scores: Scores, ratio: float, *, silence_norm: bool = True,
+          layer_cap: float = 0.0) -> PruneResult:
     """Copy ``model`` and zero the chosen neurons' weights (and biases).
 
     With ``silence_norm`` the BatchNorm attached to a pruned conv also gets a zero scale
     and shift for that channel: otherwise the channel still emits the BatchNorm's
     constant ``beta - gamma * mean / std`` and the neuron is not really removed.
+    ``layer_cap``: see :func:`top_neurons`.
     """
-    chosen = top_neurons(scores, ratio)
+    chosen = top_neurons(scores, ratio, layer_cap)
     pruned = copy.deepcopy(model)
     modules = dict(pruned.named_modules())
     with torch.no_grad():

@@ -177,7 +177,7 @@ def repair(
 
         def build(ratio: float) -> nn.Module:
             with t("prune"):
-                pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm)
+                pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm, layer_cap=settings.layer_cap)
             with t("fuse"):
                 fr = build_repaired(work, pr, layers, scores, settings, progress=progress, lam=lam, links=links)
             # the report needs which neurons were pruned, not the pruned copy: let it go

@@ -725,3 +725,19 @@ def test_paper_preset_keeps_the_reference_chain():
     assert preset("paper").fuse_chain == "order" and preset("default").fuse_chain == "dataflow"
     with pytest.raises(UsageError, match="--fuse-chain"):
         preset("default", fuse_chain="graph")
+
+
+def test_layer_cap_spreads_the_budget_over_layers():
+    rank = {"a": torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5]),
+            "b": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05])}
+    scores = Scores(nwc=rank, rank=rank, ranking="global")
+    assert top_neurons(scores, 0.2) == {"a": [0, 1, 2, 3], "b": []}
+    # cap 1: at most floor(1 * 0.2 * 10) = 2 per layer, the rest goes to layer b's best
+    assert top_neurons(scores, 0.2, layer_cap=1.0) == {"a": [0, 1], "b": [0, 1]}
+    # a cap no layer reaches changes nothing
+    assert top_neurons(scores, 0.2, layer_cap=5.0) == top_neurons(scores, 0.2)
+    # every layer full: fewer neurons than the budget, never more than the cap
+    assert top_neurons(scores, 0.3, layer_cap=0.5) == {"a": [0], "b": [0]}
+    assert preset("paper").layer_cap == 0 and preset("default").layer_cap == 2
+    with pytest.raises(UsageError, match="--layer-cap"):
+        preset("default", layer_cap=-1)
