@@ -164,7 +164,8 @@ def repair(
     with _working_model(loaded.model, device) as work:
         check_forward(work, spec)
         layers = select_layers(work, settings)
-        links = dataflow_links(work, spec, layers) if settings.fuse_chain == "dataflow" else None
+        with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
+            links = dataflow_links(work, spec, layers) if settings.fuse_chain == "dataflow" else None
         with t("unlearn"):
             un = unlearn(work, spec, settings, device, progress=progress)
         with t("score"):
