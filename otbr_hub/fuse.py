@@ -126,6 +126,10 @@ def dataflow_links(model: nn.Module, spec: InputSpec, layers: list[Layer]) -> li
     x = spec.normalize(torch.rand(2, spec.channels, spec.height, spec.width, generator=gen)).to(model_device(model))
 
     def spread(t: torch.Tensor) -> float:
+        """How much the two images' inputs differ; 0 for an input that is not per image (a
+        position-bias MLP's coordinate table, say), which then links to nothing."""
+        if t.dim() == 0 or t.shape[0] < 2:
+            return 0.0
         return float((t[0] - t[1]).abs().max())
 
     normal: dict[str, float] = {}

@@ -741,3 +741,32 @@ def test_layer_cap_spreads_the_budget_over_layers():
     assert preset("paper").layer_cap == 0 and preset("default").layer_cap == 2
     with pytest.raises(UsageError, match="--layer-cap"):
         preset("default", layer_cap=-1)
+
+
+class PositionBiasNet(nn.Module):
+    """A Linear run on a constant table (like Swin-v2's position-bias MLP), then the body."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.rand(1, 6))
+        self.pos = nn.Linear(6, 6)
+        self.a = nn.Linear(12, 6)
+        self.b = nn.Linear(6, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = x.flatten(1)[:, :12] + 0.0
+        h = F.relu(self.a(h)) + self.pos(self.table)
+        return self.fc(F.relu(self.b(h)))
+
+
+def test_dataflow_links_ignore_inputs_that_are_not_per_image():
+    torch.manual_seed(0)
+    from otbr_hub.fuse import dataflow_links
+
+    model = PositionBiasNet().eval()
+    spec = from_model(model, input_size=(3, 2, 2)).spec
+    layers = [Layer(n, getattr(model, n), "linear") for n in ("pos", "a", "b")]
+    # pos's input is one table for every image: it links to nothing, and nothing breaks;
+    # b reads a's output plus that constant, so a -> b is a link like one through a bias
+    assert dataflow_links(model, spec, layers) == [False, True, False]
