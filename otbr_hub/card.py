@@ -204,6 +204,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
             "images_per_pass": unlearning.get("images_per_pass"), "precision": unlearning.get("precision"),
         },
         "ranking": nwc.get("ranking") or settings.get("ranking") or "-",
+        "layer_cap": settings.get("layer_cap") or 0,
         "top_neurons": [
             {"layer": t.get("layer"), "index": t.get("index"), "score": _num(t.get("score"))} for t in nwc.get("top_neurons") or []
         ],
