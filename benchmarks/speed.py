@@ -472,8 +472,10 @@ def fuse_once(name: str, ratio: float) -> dict[str, Any]:
     """One prune + fuse pass over a pipeline model with synthetic NWC (no unlearning)."""
     import torch
 
+    import otbr_hub.fuse as fuse_mod
     from otbr_hub.fuse import fuse
     from otbr_hub.layers import select_layers
+    from otbr_hub.load import from_model
     from otbr_hub.prune import prune
     from otbr_hub.score import Scores
     from otbr_hub.settings import preset
@@ -484,13 +486,16 @@ def fuse_once(name: str, ratio: float) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     nwc = {l.name: torch.rand(l.n_out, generator=gen, dtype=torch.float64) + 0.01 for l in layers}
     scores = Scores(nwc=nwc, rank=nwc, ranking="global")
-    pr = prune(model, layers, scores, ratio, silence_norm=settings.prune_norm)
+    pr = prune(model, layers, scores, ratio, silence_norm=settings.prune_norm, layer_cap=settings.layer_cap)
     per_layer: dict[str, float] = {}
     t0 = time.perf_counter()
-    fr = fuse(model, pr.model, layers, nwc, pr.pruned, settings.lam, fuse_attached=settings.fuse_attached)
+    links = (fuse_mod.dataflow_links(model, from_model(model).spec, layers, attached=settings.fuse_attached)
+             if settings.fuse_chain == "dataflow" else None)  # timed with the fusion, as in repair
+    fr = fuse(model, pr.model, layers, nwc, pr.pruned, settings.lam, fuse_attached=settings.fuse_attached, links=links)
     total = time.perf_counter() - t0
     widths = sorted({l.n_out for l in layers})
-    return {"layers": len(layers), "fused_layers": len(fr.fused_layers), "widths": widths, "seconds": round(total, 1),
+    return {"layers": len(layers), "fused_layers": len(fr.fused_layers), "ot_mapped_layers": len(fr.mapped_layers),
+            "widths": widths, "seconds": round(total, 1),
             **({"per_layer": per_layer} if per_layer else {})}
 
 

@@ -9,11 +9,12 @@ own plan and averaged with the original: ``lam * fused + (1 - lam) * original``.
 Which layer feeds which (``links``):
 
 * ``chain="dataflow"`` (default): a layer's outputs are mapped through its plan, and the
-  next layer's inputs aligned with it, only where the next scored layer reads this layer's
-  output *alone* (:func:`dataflow_links`). A layer that writes into a residual sum, feeds
-  the classifier or a depthwise conv keeps its neuron order (its pruned neurons end at
-  ``1 - lam`` strength): a plan applied there would re-order channels that the skip path
-  and every later block still read in the old order.
+  next layer's inputs aligned with it, only where re-ordering the two together leaves the
+  model's function unchanged (:func:`dataflow_links`, tested with a random permutation). A
+  layer that writes into a residual sum, has a second reader, is followed by a LayerNorm,
+  is depthwise or feeds the classifier keeps its neuron order (its pruned neurons end at
+  ``1 - lam`` strength): a plan applied there would re-order channels that something else
+  still reads in the old order.
 * ``chain="order"``: the reference code's rule, plans chained in parameter order wherever
   the widths match, residual topology ignored (the ``paper`` preset).
 """
@@ -103,76 +104,59 @@ def align_inputs(w: np.ndarray, plan_prev: np.ndarray, b_prev: np.ndarray) -> np
     return aligned.reshape(p, k, -1).transpose(0, 2, 1)
 
 
-class _Reached(Exception):
-    """Raised by a pre-hook to end a forward pass once the input it wanted was seen."""
+def dataflow_links(model: nn.Module, spec: InputSpec, layers: list[Layer], *, attached: bool = True) -> list[bool]:
+    """``links[i]``: re-ordering the neurons of ``layers[i]`` and the inputs of ``layers[i + 1]``
+    the same way leaves the model's function unchanged.
 
-
-def dataflow_links(model: nn.Module, spec: InputSpec, layers: list[Layer]) -> list[bool]:
-    """``links[i]``: ``layers[i + 1]`` reads the output of ``layers[i]`` and nothing else.
-
-    Tested, not parsed, so it holds for any library's forward code: with ``layers[i]``'s
-    output replaced by zeros, the input of ``layers[i + 1]`` must be the same for two
-    different images (it can then depend only on that output, through per-channel maps such
-    as BatchNorm, activations or a token mixer over its values). A residual sum, a layer
-    reading the block input, or attention keys reading what queries read keep differing.
-    Widths must match and the reader must not be grouped (a depthwise conv cannot take an
-    input re-ordering). One normal pass and one truncated pass per pair, two images.
+    That is what mapping layer i through its OT plan and aligning layer i + 1 with it needs,
+    and it is tested, not parsed, so it holds for any library's forward code: a random
+    permutation is applied to layer i's rows (with its bias and, when ``attached``, the
+    BatchNorm that travels with it) and to layer i + 1's input columns, and the logits of two
+    images must stay the same. It fails wherever the channels are read in their old order by
+    something else: a residual sum or a second consumer of layer i's output, a LayerNorm /
+    GroupNorm in between (its per-channel affine is not re-ordered), a depthwise layer i
+    (its inputs would have to move too), attention heads. The model is restored exactly.
     """
     n = len(layers)
+    links = [False] * n
     if n < 2:
-        return [False] * n
+        return links
     mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(0)
     x = spec.normalize(torch.rand(2, spec.channels, spec.height, spec.width, generator=gen)).to(model_device(model))
+    with torch.no_grad(), eval_mode(model):
+        reference = forward_logits(model, x).float()
+        tol = 1e-4 * (float(reference.abs().max()) + 1e-6)
+        for i, (a, b) in enumerate(zip(layers, layers[1:])):
+            if b.groups != 1 or a.groups != 1 or a.n_out != b.n_in:
+                continue
+            perm = torch.randperm(a.n_out, generator=gen)
+            touched = _permuted_tensors(a, b, mods, attached)
+            saved = [t.detach().clone() for t, _ in touched]
+            try:
+                for t, axis in touched:
+                    t.copy_(t.index_select(axis, perm.to(t.device)))
+                out = forward_logits(model, x).float()
+                links[i] = bool(torch.isfinite(out).all()) and float((out - reference).abs().max()) <= tol
+            except Exception as err:  # a forward that cannot run this way: no link, the safe side
+                log.debug("data-flow probe %s -> %s failed: %s", a.name, b.name, err)
+            finally:
+                for (t, _), v in zip(touched, saved):
+                    t.copy_(v)
+    return links  # the last scored layer stays False: its reader, the classifier, is never aligned
 
-    def spread(t: torch.Tensor) -> float:
-        """How much the two images' inputs differ; 0 for an input that is not per image (a
-        position-bias MLP's coordinate table, say), which then links to nothing."""
-        if t.dim() == 0 or t.shape[0] < 2:
-            return 0.0
-        return float((t[0] - t[1]).abs().max())
 
-    normal: dict[str, float] = {}
-
-    def record(name: str):
-        def hook(m, inp):  # returns None: the input is left as it is
-            normal.setdefault(name, spread(inp[0].detach().float()))
-        return hook
-
-    hooks = [mods[l.name].register_forward_pre_hook(record(l.name)) for l in layers]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            forward_logits(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    links = []
-    for a, b in zip(layers, layers[1:]):
-        if b.groups != 1 or a.n_out != b.n_in or not normal.get(b.name):
-            links.append(False)
-            continue
-        seen: dict[str, float] = {}
-
-        def grab(m, inp, seen=seen):
-            seen["spread"] = spread(inp[0].detach().float())
-            raise _Reached
-
-        h1 = mods[a.name].register_forward_hook(lambda m, inp, out: torch.zeros_like(out))
-        h2 = mods[b.name].register_forward_pre_hook(grab)
-        try:
-            with torch.no_grad(), eval_mode(model):
-                forward_logits(model, x)
-        except _Reached:
-            pass
-        except Exception as err:  # a forward that cannot run on a zeroed layer: no link, the safe side
-            log.debug("data-flow probe %s -> %s failed: %s", a.name, b.name, err)
-        finally:
-            h1.remove()
-            h2.remove()
-        links.append("spread" in seen and seen["spread"] <= 1e-5 * normal[b.name])
-    links.append(False)  # the last scored layer feeds the classifier, which is not fused
-    return links
+def _permuted_tensors(a: Layer, b: Layer, mods: dict[str, nn.Module], attached: bool) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, axis) pairs that re-ordering layer a's neurons touches: a's rows, bias and
+    attached norm (what :func:`fuse` maps), and b's input columns."""
+    out = [(mods[a.name].weight, 0)]
+    if getattr(mods[a.name], "bias", None) is not None:
+        out.append((mods[a.name].bias, 0))
+    if attached and a.norm_name:
+        norm = mods[a.norm_name]
+        out += [(getattr(norm, t), 0) for t in _NORM_TENSORS if getattr(norm, t, None) is not None]
+    out.append((mods[b.name].weight, 1))
+    return out
 
 
 def order_links(layers: list[Layer]) -> list[bool]:

@@ -45,7 +45,7 @@ def top_neurons(scores: Scores, ratio: float, layer_cap: float = 0.0) -> dict[st
         for j in order[:k].tolist():
             chosen[names[int(owner[j])]].append(int(local[j]))
         return {n: sorted(v) for n, v in chosen.items()}
-    room = [max(1, int(layer_cap * ratio * scores.rank[n].numel())) for n in names]
+    room = [max(1, int(layer_cap * ratio * scores.rank[n].numel() + 1e-9)) for n in names]  # 0.29 * 100 is 28.999...
     taken = 0
     for j in order.tolist():
         i = int(owner[j])

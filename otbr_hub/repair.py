@@ -165,7 +165,8 @@ def repair(
         check_forward(work, spec)
         layers = select_layers(work, settings)
         with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
-            links = dataflow_links(work, spec, layers) if settings.fuse_chain == "dataflow" else None
+            links = (dataflow_links(work, spec, layers, attached=settings.fuse_attached)
+                     if settings.fuse_chain == "dataflow" else None)
         with t("unlearn"):
             un = unlearn(work, spec, settings, device, progress=progress)
         with t("score"):
@@ -317,7 +318,7 @@ def _scan_original(detector: Any, work: nn.Module, spec: Any, settings: RepairSe
         release_memory()  # the margin search's activations: RSS would otherwise stay there while fusing
         scan = first.to_dict()
         margins_p = first.p_first if first.p_first is not None else first.p_value
-        if margins_p < full.alpha_suspicious:
+        if first.verdict != "clean" and margins_p < full.alpha_suspicious:
             margins_only = dataclasses.replace(full, weight_evidence=False)
 
             def walk(m: nn.Module) -> tuple[bool, float]:

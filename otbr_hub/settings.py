@@ -54,7 +54,8 @@ class RepairSettings:
     # pruning and fusion
     prune_norm: bool = _opt(True, "also silence the BatchNorm channel that follows a pruned conv filter")
     layer_cap: float = _opt(
-        2.0, "no layer loses more than this multiple of the pruning ratio of its neurons (0: no cap, as in the paper); "
+        2.0, "no layer loses more than this multiple of the pruning ratio of its neurons, and at least one may always go "
+        "(0: no cap, as in the paper); "
         "the global NWC ranking otherwise took 12 of 16 neurons of one ResNet layer and 14 of 64 of a ViT's first value projection "
         "at ratio 0.05 (benchmarks/NOTES.md section 10)"
     )

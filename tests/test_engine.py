@@ -662,18 +662,96 @@ def _links(model, **spec):
 def test_dataflow_links_follow_the_graph_not_the_parameter_order():
     torch.manual_seed(0)
     assert _links(ResidualNet().eval(), input_size=(3, 8, 8)) == {"a": True, "b": False, "c": False}
-    # timm resnet: conv1 -> conv2 inside a block; conv2 writes the residual sum
-    links = _links(tiny_timm_resnet(), input_size=(3, 32, 32))
+    # timm resnet: conv1 -> conv2 inside a block; conv2 writes the residual sum (timm starts
+    # each block's last BatchNorm at zero scale, which makes that branch dead and any
+    # re-ordering of it harmless: give the norms trained-looking scales first)
+    resnet = tiny_timm_resnet()
+    with torch.no_grad():
+        for m in resnet.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    links = _links(resnet, input_size=(3, 32, 32))
     assert links["layer1.0.conv1"] and not links["layer1.0.conv2"] and not links["layer4.0.conv2"]
-    # transformers ViT: value -> attention output and MLP hidden -> MLP output read alone; query,
-    # key and the residual writers do not feed the next scored layer
+    # transformers ViT: only the MLP's hidden layer; values -> output projection is not a
+    # link either, since a re-ordering across heads changes which attention weights apply
     from tiny import tiny_vit
 
     links = _links(tiny_vit(), input_size=(3, 32, 32))
     blk = "vit.layers.0."
-    assert links[blk + "attention.v_proj"] and links[blk + "mlp.fc1"]
-    for name in ("attention.q_proj", "attention.k_proj", "attention.o_proj", "mlp.fc2"):
+    assert links[blk + "mlp.fc1"]
+    for name in ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc2"):
         assert not links[blk + name], name
+
+
+class _Pair(nn.Module):
+    """a -> (something) -> b -> fc, with the something chosen by ``kind``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        groups = 6 if kind == "depthwise" else 1
+        self.a = nn.Conv2d(6, 6, 3, padding=1, groups=groups)
+        self.norm = nn.GroupNorm(2, 6) if kind == "groupnorm" else nn.Identity()
+        self.b = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = x.repeat(1, 2, 1, 1)
+        h = self.a(x)
+        y = self.b(F.relu(self.norm(h)))
+        if self.kind == "second-reader":  # a's output also reaches the head directly
+            y = y + h
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind,linked", [("plain", True), ("second-reader", False), ("groupnorm", False),
+                                         ("depthwise", False)])
+def test_dataflow_links_refuse_what_a_re_ordering_would_break(kind, linked):
+    from otbr_hub.fuse import dataflow_links
+
+    torch.manual_seed(0)
+    model = _Pair(kind).eval()
+    if kind == "groupnorm":
+        with torch.no_grad():
+            model.norm.weight.uniform_(0.5, 1.5)
+            model.norm.bias.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = from_model(model, input_size=(3, 6, 6)).spec
+    layers = [Layer("a", model.a, "conv"), Layer("b", model.b, "conv")]
+    assert dataflow_links(model, spec, layers) == [linked, False]
+    for k, v in model.state_dict().items():  # the probe puts every weight back
+        assert torch.equal(v, before[k]), k
+
+
+def test_dataflow_fusion_undoes_a_permutation_of_a_linked_layer():
+    """The pruned copy is the original with layer a's neurons permuted (and b's inputs to
+    match): with uniform NWC the plan is that permutation, and the data-flow fusion maps a
+    back and aligns b, giving the original exactly at any lambda."""
+    from otbr_hub.fuse import dataflow_links
+
+    torch.manual_seed(0)
+    model = ResidualNet().eval()
+    with torch.no_grad():
+        model.a.weight.mul_(10)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-0.5, 0.5)
+    spec = from_model(model, input_size=(3, 8, 8)).spec
+    layers = select_layers(model, preset("default"))
+    links = dataflow_links(model, spec, layers)
+    assert links == [True, False, False]
+    sigma = torch.tensor([1, 2, 0, 4, 5, 3])
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.a.weight.copy_(model.a.weight[sigma])
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            getattr(pruned.bn, t).copy_(getattr(model.bn, t)[sigma])
+        pruned.b.weight.copy_(model.b.weight[:, sigma])
+    nwc = {l.name: torch.ones(l.n_out, dtype=torch.float64) for l in layers}
+    for lam in (0.5, 1.0):
+        fr = fuse(model, pruned, layers, nwc, {"a": [0]}, lam, links=links)
+        assert fr.mapped_layers == ["a"] and fr.aligned_layers == ["b"]
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(fr.model.state_dict()[k], v, rtol=0, atol=1e-5)
 
 
 def test_dataflow_fusion_keeps_the_residual_stream_in_order():
@@ -760,13 +838,14 @@ class PositionBiasNet(nn.Module):
         return self.fc(F.relu(self.b(h)))
 
 
-def test_dataflow_links_ignore_inputs_that_are_not_per_image():
+def test_dataflow_links_of_a_model_with_a_constant_table():
     torch.manual_seed(0)
     from otbr_hub.fuse import dataflow_links
 
     model = PositionBiasNet().eval()
     spec = from_model(model, input_size=(3, 2, 2)).spec
     layers = [Layer(n, getattr(model, n), "linear") for n in ("pos", "a", "b")]
-    # pos's input is one table for every image: it links to nothing, and nothing breaks;
-    # b reads a's output plus that constant, so a -> b is a link like one through a bias
-    assert dataflow_links(model, spec, layers) == [False, True, False]
+    # pos's output is one table added to every image's features: re-ordering it changes the
+    # model, and so does re-ordering a's (the table is added in the old order); only b's
+    # readers could follow, and b is the last scored layer
+    assert dataflow_links(model, spec, layers) == [False, False, False]
