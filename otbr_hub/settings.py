@@ -61,9 +61,10 @@ class RepairSettings:
     )
     fuse_attached: bool = _opt(True, "carry biases and following BatchNorm parameters through the OT map with their neuron")
     fuse_chain: str = _opt(
-        "dataflow", "which layers go through their OT plan: 'dataflow' (only where the next scored layer reads the "
-        "layer's output alone; residual writers keep their channel order) or 'order' (the reference: every layer, "
-        "plans chained in parameter order across residual sums)"
+        "dataflow", "which layers go through their OT plan: 'dataflow' (only where re-ordering a layer's neurons with "
+        "the next layer's inputs leaves the model unchanged, tested on the model; residual writers, layers before a "
+        "LayerNorm and attention keep their channel order) or 'order' (the reference: every layer, plans chained in "
+        "parameter order across residual sums)"
     )
     # auto ratio
     ratio_grid: str = _opt(
