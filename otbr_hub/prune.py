@@ -41,11 +41,10 @@ def top_neurons(scores: Scores, ratio: float, layer_cap: float = 0.0) -> dict[st
     k = max(1, int(ratio * values.numel()))
     order = torch.sort(-values, stable=True).indices
     chosen: dict[str, list[int]] = {n: [] for n in names}
-    if layer_cap <= 0:
-        for j in order[:k].tolist():
-            chosen[names[int(owner[j])]].append(int(local[j]))
-        return {n: sorted(v) for n, v in chosen.items()}
-    room = [max(1, int(layer_cap * ratio * scores.rank[n].numel() + 1e-9)) for n in names]  # 0.29 * 100 is 28.999...
+    if layer_cap <= 0:  # no cap: any layer may take the whole budget
+        room = [k] * len(names)
+    else:
+        room = [max(1, int(layer_cap * ratio * scores.rank[n].numel() + 1e-9)) for n in names]  # 0.29 * 100 is 28.999...
     taken = 0
     for j in order.tolist():
         i = int(owner[j])
