@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .clip import ClipResult, clip_activations, copy_activations
 from .errors import OtbrError, UnsupportedModelError
 from .fuse import FuseResult, dataflow_links, fuse
 from .layers import Layer, select_layers
@@ -51,6 +52,7 @@ class RepairReport:
     nwc: dict[str, Any] = field(default_factory=dict)
     unlearning: dict[str, Any] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
+    clipping: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     revision: str | None = None
@@ -182,9 +184,13 @@ def repair(
                 pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm, layer_cap=settings.layer_cap)
             with t("fuse"):
                 fr = build_repaired(work, pr, layers, scores, settings, progress=progress, lam=lam, links=links)
+            with t("clip"):
+                cr = clip_activations(fr.model, spec, settings.clip_sigma, seed=settings.seed)
             # the report needs which neurons were pruned, not the pruned copy: let it go
-            fr.model._otbr_prune, fr.model._otbr_fuse = dataclasses.replace(pr, model=None), fr
-            return fr.model
+            cr.model._otbr_prune, cr.model._otbr_fuse = dataclasses.replace(pr, model=None), fr
+            cr.model._otbr_clip = dataclasses.replace(cr, model=None)
+            fr.model = None
+            return cr.model
 
         with t("verify"):
             probe = synthesize_inputs(work, spec, settings.verify_samples, seed=settings.seed, precision=settings.precision)
@@ -212,7 +218,8 @@ def repair(
             choice = RatioChoice(float(settings.prune_ratio), "given explicitly")
         pr: PruneResult = fused_model._otbr_prune
         fr: FuseResult = fused_model._otbr_fuse
-        del fused_model._otbr_prune, fused_model._otbr_fuse
+        cr: ClipResult = fused_model._otbr_clip
+        del fused_model._otbr_prune, fused_model._otbr_fuse, fused_model._otbr_clip
 
         if det_fn is not None:
             with t("detect"):
@@ -249,6 +256,7 @@ def repair(
         fusion={"solver": "ot.emd (exact)", "chain": settings.fuse_chain, "first_layer": fr.first_layer,
                 "fused_layers": len(fr.fused_layers), "ot_mapped_layers": len(fr.mapped_layers),
                 "input_aligned_layers": len(fr.aligned_layers), "lambda": lam},
+        clipping=cr.to_dict(),
         verification=check.to_dict(),
         timings={k: round(v, 3) for k, v in t.times.items()},
         scan_before=scan_before,
@@ -358,4 +366,5 @@ def _same_kind(original: nn.Module, repaired: nn.Module, dtype: torch.dtype) -> 
     out = copy.deepcopy(original)
     sd = {k: v.to(device=device, dtype=out.state_dict()[k].dtype) for k, v in repaired.state_dict().items()}
     out.load_state_dict(sd)
+    copy_activations(repaired, out)  # ReLU6 where clip_activations bounded the channels
     return out

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .clip import uses_relu6
 from .errors import OtbrError, UsageError
 from .load import LoadedModel
 
@@ -55,8 +56,14 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         model = _as_dtype(model, source.dtype)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
     else:
+        relu6 = source.library == "timm" and uses_relu6(model)  # activation bounds (otbr_hub.clip) are ReLU6s
         if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
-            shutil.copyfile(source.folder / "config.json", folder / "config.json")
+            if relu6:
+                cfg = json.loads((source.folder / "config.json").read_text())
+                cfg["model_args"] = {**(cfg.get("model_args") or {}), "act_layer": "relu6"}
+                (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            else:
+                shutil.copyfile(source.folder / "config.json", folder / "config.json")
         elif source.library == "timm":
             if not (getattr(model, "pretrained_cfg", None) or {}).get("architecture"):
                 raise OtbrError(
@@ -68,7 +75,8 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
 
             spec = source.spec
             pcfg = {"input_size": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std), "num_classes": spec.num_classes}
-            save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg})
+            save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg},
+                               model_args={"act_layer": "relu6"} if relu6 else None)
         save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=shard)
     if source.library == "transformers" and source.folder is None:
         # an in-memory model: record the input it was repaired for (its config may not say)

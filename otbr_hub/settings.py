@@ -66,6 +66,12 @@ class RepairSettings:
         "LayerNorm and attention keep their channel order) or 'order' (the reference: every layer, plans chained in "
         "parameter order across residual sums)"
     )
+    clip_sigma: float = _opt(
+        3.0, "after fusion, bound every BatchNorm -> ReLU channel at beta + this many |gamma| (its training-time mean "
+        "plus that many spreads), stored in the weights as ReLU6 (timm ResNets; other models are left as they are); "
+        "0: off, as in the paper. Cut the patch backdoors the fusion left on the benchmark ResNets for under a point "
+        "of accuracy (benchmarks/NOTES.md section 11)"
+    )
     # auto ratio
     ratio_grid: str = _opt(
         "0.01,0.02,0.03,0.05,0.08,0.1,0.15", "candidate ratios tried by --prune-ratio auto when the detector flags the model"
@@ -109,6 +115,8 @@ class RepairSettings:
         kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}
         if not kinds or not kinds <= {"conv", "linear"}:
             raise UsageError(f"--layer-types takes conv and/or linear, got '{self.layer_types}'")
+        if self.clip_sigma < 0:
+            raise UsageError(f"--clip-sigma must be >= 0, got {self.clip_sigma}")
         if self.layer_cap < 0:
             raise UsageError(f"--layer-cap must be >= 0, got {self.layer_cap}")
         if self.fuse_chain not in ("dataflow", "order"):
@@ -157,6 +165,7 @@ PAPER = dict(
     fuse_attached=False,
     fuse_chain="order",  # plans chained in parameter order, residual topology ignored
     layer_cap=0.0,  # the global top fraction, however it falls across layers
+    clip_sigma=0.0,  # no activation bounds: the reference is unlearn, prune, fuse
     precision="fp32",  # the reference code's arithmetic
 )
 

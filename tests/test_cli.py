@@ -30,7 +30,12 @@ def test_repair_timm_folder_writes_same_format(tmp_path, capsys):
     code, stdout, err = run_cli(["repair", str(src), "--output", str(out), "--prune-ratio", "0.05", *FAST], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "otbr_report.json"]
-    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    # the same config, with the activation bounds' ReLU6 (otbr_hub.clip) recorded for timm
+    written, source_cfg = json.loads((out / "config.json").read_text()), json.loads((src / "config.json").read_text())
+    report = json.loads((out / "otbr_report.json").read_text())
+    assert report["clipping"]["applied"]
+    source_cfg["model_args"]["act_layer"] = "relu6"
+    assert written == source_cfg
     a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)

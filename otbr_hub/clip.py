@@ -1,0 +1,311 @@
+"""Stage 5: data-free activation bounds from BatchNorm statistics, stored in the weights.
+
+A BatchNorm's affine parameters say where each channel's output sat during training: mean
+``beta``, spread ``|gamma|``. A patch trigger drives the few channels that carry it far
+above that range, so bounding every BatchNorm -> ReLU channel at ``beta + k * |gamma|``
+cuts the trigger's path while clean inputs, which stay inside ``k`` spreads, pass almost
+untouched. After the OTBR fusion this removed most of the patch backdoors the fusion alone
+left on the benchmark ResNets, for under a point of accuracy (``benchmarks/NOTES.md``
+section 11); it does nothing for whole-image triggers, whose channels stay in range.
+
+The bound has to survive saving in the source's own format, so it is written into the
+weights rather than added as a hook: ``min(relu(z), c) = (c / 6) * relu6((6 / c) * z)``.
+The BatchNorm is scaled by ``6 / c``, every ReLU becomes a ReLU6 (timm's ``act_layer``, one
+config entry), and the ``c / 6`` goes into the input columns of the convolution that reads
+the channel. Residual streams and the stem (when an identity shortcut reads it) are scaled
+down so far that their ReLU6 never binds, and their readers scaled back. Loaded with plain
+ReLUs the same weights compute the unbounded model exactly (positive scaling commutes with
+ReLU), so a user who drops the config entry gets the fused model, not a broken one.
+
+Implemented for timm ``ResNet`` models with basic or bottleneck blocks, no squeeze-excite
+or attention, and ReLU activations (ResNet-18/34/50/101/152, ResNeXt, wide ResNets and the
+``d`` variants). Anything else is left unchanged with the reason in the result. Every
+rewrite is checked against hooks that apply the same bounds to the unrewritten model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .load import InputSpec, eval_mode, forward_logits, model_device
+
+RELU6_TOP = 6.0
+_STREAM_HEADROOM = 100.0
+"""A residual stream's ReLU6 binds at this many times its writers' largest ``|beta| + |gamma|``:
+in practice never (a sum of a few BatchNorm outputs, each within a few spreads), so streams
+keep their values. Not larger, so that float16 weights keep their precision when scaled."""
+_DEAD = 1e-3
+"""A bound below this share of ``|beta| + |gamma|`` means the channel was (almost) never
+positive in training: it is silenced instead of scaled by an enormous factor."""
+
+
+@dataclass
+class ClipResult:
+    """The bounded model (a copy; the input is untouched) and what was done."""
+
+    model: nn.Module
+    applied: bool
+    reason: str
+    sigma: float
+    channels: int = 0
+    norms: list[str] = field(default_factory=list)
+    """The BatchNorms whose ReLU channels were bounded."""
+    silenced: int = 0
+    """Channels whose bound was <= 0 (never positive in training) and now output 0."""
+    max_error: float | None = None
+    """Largest relative logit difference between the rewrite and the hooked reference."""
+
+    def to_dict(self) -> dict:
+        return {"applied": self.applied, "reason": self.reason, "sigma": self.sigma, "channels": self.channels,
+                "norms": len(self.norms), "silenced": self.silenced, "max_error": self.max_error}
+
+
+@dataclass
+class _Pair:
+    """A BatchNorm -> ReLU channel group and the convolution that reads it."""
+
+    norm_name: str
+    norm: nn.BatchNorm2d
+    reader: nn.Conv2d
+
+
+def bounds(norm: nn.BatchNorm2d, sigma: float) -> torch.Tensor:
+    """Per-channel upper bound ``beta + sigma * |gamma|``; 0 for channels that were never positive."""
+    g, b = norm.weight.detach().double(), norm.bias.detach().double()
+    c = b + sigma * g.abs()
+    return torch.where(c > _DEAD * (b.abs() + g.abs()), c, torch.zeros_like(c))
+
+
+def _why_unsupported(model: nn.Module) -> str | None:
+    try:
+        from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return "timm is not installed"
+    if not isinstance(model, ResNet):
+        return f"activation bounds are implemented for timm ResNets only, not {type(model).__name__}"
+    allowed_pool = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d)
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Sigmoid, nn.Tanh)):
+            return f"{name} is a {type(m).__name__}, not a ReLU"
+    if not isinstance(model.maxpool, (nn.MaxPool2d, nn.Identity)):
+        return "the stem pool is not a plain max-pool"
+    if getattr(model.global_pool, "pool_type", "avg") not in ("avg", "max", "avgmax", "fast"):
+        return f"global pool '{model.global_pool.pool_type}' concatenates features"
+    if not isinstance(model.fc, nn.Linear):
+        return "the model has no linear classifier"
+    if not isinstance(model.bn1, nn.BatchNorm2d) or not isinstance(model.act1, nn.ReLU):
+        return "the stem does not end in BatchNorm -> ReLU"
+    if isinstance(model.conv1, nn.Sequential) and not _deep_stem_ok(model.conv1):
+        return "the deep stem is not conv/BatchNorm/ReLU triples"
+    for i, block in enumerate(_blocks(model)):
+        if not isinstance(block, (BasicBlock, Bottleneck)):
+            return f"block {i} is a {type(block).__name__}"
+        if block.se is not None:
+            return "blocks with squeeze-excite or attention are not supported"
+        aa = getattr(block, "aa", None)
+        if aa is not None and not isinstance(aa, (*allowed_pool, _blur_pool())):
+            return f"block {i}'s anti-aliasing layer is not a linear pool"
+        norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
+        acts = [block.act1, block.act2] + ([block.act3] if isinstance(block, Bottleneck) else [])
+        if not all(isinstance(n, nn.BatchNorm2d) and n.affine for n in norms) or not all(isinstance(a, nn.ReLU) for a in acts):
+            return f"block {i} is not BatchNorm -> ReLU throughout"
+        if block.downsample is not None and _downsample_parts(block.downsample) is None:
+            return f"block {i}'s shortcut is not (pool,) conv, BatchNorm"
+    return None
+
+
+def _blur_pool() -> type:
+    try:
+        from timm.layers import BlurPool2d
+
+        return BlurPool2d
+    except ImportError:  # pragma: no cover
+        return nn.Identity
+
+
+def _deep_stem_ok(stem: nn.Sequential) -> bool:
+    mods = list(stem)
+    if not isinstance(mods[-1], nn.Conv2d) or (len(mods) - 1) % 3:
+        return False
+    return all(isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d) and isinstance(mods[i + 2], nn.ReLU)
+               for i in range(0, len(mods) - 1, 3))
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
+
+
+def _downsample_parts(ds: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    mods = [m for m in ds.children() if not isinstance(m, (nn.AvgPool2d, nn.Identity))] if isinstance(ds, nn.Sequential) else []
+    if len(mods) == 2 and isinstance(mods[0], nn.Conv2d) and isinstance(mods[1], nn.BatchNorm2d) and mods[1].affine:
+        return mods[0], mods[1]
+    return None
+
+
+def _scale_norm(norm: nn.BatchNorm2d, s: torch.Tensor) -> None:
+    """Multiply the BatchNorm's output by ``s`` (per channel, s >= 0)."""
+    with torch.no_grad():
+        norm.weight.mul_(s.to(norm.weight))
+        norm.bias.mul_(s.to(norm.bias))
+
+
+def _scale_inputs(layer: nn.Module, s: torch.Tensor) -> None:
+    """Multiply the layer's input channel ``j`` by ``s[j]`` (conv groups and linear columns)."""
+    with torch.no_grad():
+        w = layer.weight
+        if isinstance(layer, nn.Linear):
+            w.mul_(s.to(w).view(1, -1))
+            return
+        groups = layer.groups
+        per = w.shape[1]
+        sg = s.to(w).view(groups, per)  # input channels of group g: g*per .. (g+1)*per
+        out_per = w.shape[0] // groups
+        w.view(groups, out_per, per, *w.shape[2:]).mul_(sg.view(groups, 1, per, *([1] * (w.dim() - 2))))
+
+
+def _pairs_and_streams(model: nn.Module):
+    """The bounded pairs, and for each residual stream segment its writers and readers."""
+    from timm.models.resnet import Bottleneck
+
+    pairs: list[_Pair] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(model.conv1, nn.Sequential):
+        mods = list(model.conv1)
+        for i in range(0, len(mods) - 1, 3):
+            pairs.append(_Pair(names[id(mods[i + 1])], mods[i + 1], mods[i + 3]))
+    blocks = _blocks(model)
+    segments: list[dict] = []
+    # the stem output: bounded when the first block projects it, else the first stream
+    first = blocks[0]
+    if first.downsample is not None:
+        readers = [first.conv1, _downsample_parts(first.downsample)[0]]
+        stem = {"writers": [model.bn1], "readers": readers, "bounded": True}
+    else:
+        stem = {"writers": [model.bn1], "readers": [first.conv1], "bounded": False}
+    segments.append(stem)
+    current = None if first.downsample is not None else stem
+    for i, block in enumerate(blocks):
+        last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        inner = [(block.bn1, block.conv2)] + ([(block.bn2, block.conv3)] if isinstance(block, Bottleneck) else [])
+        pairs.extend(_Pair(names[id(n)], n, r) for n, r in inner)
+        if block.downsample is not None:  # a projection starts a new stream
+            current = {"writers": [_downsample_parts(block.downsample)[1]], "readers": [], "bounded": False}
+            segments.append(current)
+        current["writers"].append(last)
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        if nxt is None:
+            current["readers"].append(model.fc)
+        else:
+            current["readers"].append(nxt.conv1)
+            if nxt.downsample is not None:
+                current["readers"].append(_downsample_parts(nxt.downsample)[0])
+    return pairs, segments
+
+
+def _effective_bounds(pairs: list[_Pair], stem_bounded: bool, stem_norm: nn.BatchNorm2d, sigma: float) -> dict[int, torch.Tensor]:
+    out = {id(p.norm): bounds(p.norm, sigma) for p in pairs}
+    if stem_bounded:
+        out[id(stem_norm)] = bounds(stem_norm, sigma)
+    return out
+
+
+@torch.no_grad()
+def _hooked_logits(model: nn.Module, spec: InputSpec, x: torch.Tensor, limits: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The reference: the unrewritten model with each bounded BatchNorm's output clamped."""
+    hooks = []
+    for m in model.modules():
+        if id(m) in limits:
+            c = limits[id(m)].to(x.device, torch.float32).view(1, -1, 1, 1)
+            dead = (c == 0)
+
+            def hook(mod, inp, out, c=c, dead=dead):
+                return torch.where(dead, torch.zeros_like(out), torch.minimum(out, c))
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with eval_mode(model):
+            return forward_logits(model, spec.normalize(x)).float()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_images: int = 2, seed: int = 0,
+                     tolerance: float = 1e-4) -> ClipResult:
+    """Bound every BatchNorm -> ReLU channel of ``model`` at ``beta + sigma * |gamma|``.
+
+    Returns a rewritten copy (ReLU6 activations, rescaled weights) or, when the model is not
+    a supported timm ResNet or the rewrite does not match its hooked reference, the input
+    unchanged with the reason. ``sigma <= 0`` turns the stage off.
+    """
+    if sigma <= 0:
+        return ClipResult(model, False, "turned off (--clip-sigma 0)", sigma)
+    why = _why_unsupported(model)
+    if why:
+        return ClipResult(model, False, why, sigma)
+    out = copy.deepcopy(model)
+    pairs, segments = _pairs_and_streams(out)
+    stem = segments[0]
+    limits = _effective_bounds(pairs, stem["bounded"], out.bn1, sigma)
+    # the reference is computed on the copy before it is rewritten
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(check_images, spec.channels, spec.height, spec.width, generator=gen).to(model_device(out))
+    reference = _hooked_logits(out, spec, x, limits)
+
+    silenced = 0
+    bounded = [(p.norm_name, p.norm, [p.reader]) for p in pairs]
+    if stem["bounded"]:
+        bounded.append(("bn1", out.bn1, stem["readers"]))
+    for _, norm, readers in bounded:
+        c = limits[id(norm)]
+        live = c > 0
+        silenced += int((~live).sum())
+        scale = torch.where(live, RELU6_TOP / c.clamp_min(1e-30), torch.zeros_like(c))
+        _scale_norm(norm, scale)
+        for r in readers:
+            _scale_inputs(r, torch.where(live, c / RELU6_TOP, torch.ones_like(c)))
+    for seg in segments:
+        if seg["bounded"]:
+            continue
+        top = torch.stack([(w.bias.detach().double().abs() + w.weight.detach().double().abs()) for w in seg["writers"]]).amax(0)
+        limit = _STREAM_HEADROOM * top.clamp_min(1e-6)
+        for w in seg["writers"]:
+            _scale_norm(w, RELU6_TOP / limit)
+        for r in seg["readers"]:
+            _scale_inputs(r, limit / RELU6_TOP)
+    for name, m in list(out.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) is nn.ReLU:
+                setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
+
+    with torch.no_grad(), eval_mode(out):
+        got = forward_logits(out, spec.normalize(x)).float()
+    err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+    if not torch.isfinite(got).all() or err > tolerance:
+        return ClipResult(model, False, f"the rewrite did not match its reference (relative error {err:.2g}); left unbounded",
+                          sigma, max_error=err)
+    names = [n for n, _, _ in bounded]
+    channels = sum(len(limits[id(nm)]) for _, nm, _ in bounded)
+    return ClipResult(out, True, f"{len(names)} BatchNorm -> ReLU groups bounded at beta + {sigma:g} |gamma|", sigma,
+                      channels=channels, norms=names, silenced=silenced, max_error=err)
+
+
+def uses_relu6(model: nn.Module) -> bool:
+    """Whether a (timm) model's activations were rewritten to ReLU6 by :func:`clip_activations`."""
+    return any(type(m) is nn.ReLU6 for m in model.modules()) and not any(type(m) is nn.ReLU for m in model.modules())
+
+
+def copy_activations(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` (same architecture) the activation modules of ``src``, in place: weights are
+    copied with ``load_state_dict``, which does not carry module types."""
+    src_mods = dict(src.named_modules())
+    for name, m in list(dst.named_modules()):
+        for child_name, child in list(m.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            other = src_mods.get(full)
+            if type(child) is nn.ReLU and type(other) is nn.ReLU6:
+                setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
