@@ -209,6 +209,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
             {"layer": t.get("layer"), "index": t.get("index"), "score": _num(t.get("score"))} for t in nwc.get("top_neurons") or []
         ],
         "fusion": report.get("fusion") or {},
+        "clipping": report.get("clipping") or {},
         "agreement": _num((report.get("verification") or {}).get("agreement")),
         "publish_check": _publish_check(report.get("publish_verification")),
         "scans": _scan_rows(report),
