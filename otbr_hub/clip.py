@@ -17,16 +17,22 @@ down so far that their ReLU6 never binds, and their readers scaled back. Loaded 
 ReLUs the same weights compute the unbounded model exactly (positive scaling commutes with
 ReLU), so a user who drops the config entry gets the fused model, not a broken one.
 
+Residual features (``forward_features``, ``pre_logits``) come out rescaled per channel; the
+logits are those of the bounded model.
+
 Implemented for timm ``ResNet`` models with basic or bottleneck blocks, no squeeze-excite
 or attention, and ReLU activations (ResNet-18/34/50/101/152, ResNeXt, wide ResNets and the
-``d`` variants). Anything else is left unchanged with the reason in the result. Every
-rewrite is checked against hooks that apply the same bounds to the unrewritten model.
+``d`` variants). transformers' ``ResNetForImageClassification`` cannot carry them: its
+blocks build their inner activations as plain ReLU whatever ``hidden_act`` says. Anything
+else is left unchanged with the reason in the result. Every rewrite is checked against
+hooks that apply the same bounds to the unrewritten model.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,15 +70,6 @@ class ClipResult:
                 "norms": len(self.norms), "silenced": self.silenced, "max_error": self.max_error}
 
 
-@dataclass
-class _Pair:
-    """A BatchNorm -> ReLU channel group and the convolution that reads it."""
-
-    norm_name: str
-    norm: nn.BatchNorm2d
-    reader: nn.Conv2d
-
-
 def bounds(norm: nn.BatchNorm2d, sigma: float) -> torch.Tensor:
     """Per-channel upper bound ``beta + sigma * |gamma|``; 0 for channels that were never positive."""
     g, b = norm.weight.detach().double(), norm.bias.detach().double()
@@ -80,42 +77,109 @@ def bounds(norm: nn.BatchNorm2d, sigma: float) -> torch.Tensor:
     return torch.where(c > _DEAD * (b.abs() + g.abs()), c, torch.zeros_like(c))
 
 
-def _why_unsupported(model: nn.Module) -> str | None:
-    try:
-        from timm.models.resnet import BasicBlock, Bottleneck, ResNet
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return "timm is not installed"
-    if not isinstance(model, ResNet):
-        return f"activation bounds are implemented for timm ResNets only, not {type(model).__name__}"
-    allowed_pool = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d)
+@dataclass
+class _Block:
+    """One residual block, in the terms the rewrite needs."""
+
+    readers: list[nn.Module]
+    """Convolutions that read the block's input (its first conv, its projection's conv)."""
+    inner: list[tuple[nn.BatchNorm2d, nn.Module]]
+    """BatchNorm -> ReLU -> conv inside the block: the bounded channels and their reader."""
+    last: nn.BatchNorm2d
+    """The BatchNorm that writes into the residual sum."""
+    projection: nn.BatchNorm2d | None
+    """The shortcut's BatchNorm, or None for an identity shortcut."""
+
+
+@dataclass
+class _Net:
+    """A ReLU ResNet, whichever library built it."""
+
+    stem_pairs: list[tuple[nn.BatchNorm2d, nn.Module]]
+    stem_norm: nn.BatchNorm2d
+    blocks: list[_Block]
+    head: nn.Linear
+    relus: int
+    """ReLU modules the plan accounts for (every ReLU of the model must be one of them)."""
+
+
+_OTHER_ACTS = (nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Sigmoid, nn.Tanh)
+
+
+def _bn(m: Any) -> bool:
+    return isinstance(m, nn.BatchNorm2d) and m.affine
+
+
+def _plan(model: nn.Module) -> _Net | str:
+    """The model as a :class:`_Net`, or the reason it cannot be bounded."""
     for name, m in model.named_modules():
-        if isinstance(m, (nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Sigmoid, nn.Tanh)):
+        if isinstance(m, _OTHER_ACTS):
             return f"{name} is a {type(m).__name__}, not a ReLU"
+    try:
+        from timm.models.resnet import ResNet
+    except ImportError:  # pragma: no cover - timm is a dependency
+        ResNet = ()
+    if isinstance(model, ResNet):
+        net = _timm_plan(model)
+    elif type(model).__name__ == "ResNetForImageClassification":
+        # its blocks build their inner activations as plain ReLU whatever config.hidden_act says
+        return ("transformers' ResNet cannot store the bounds in its own format (its inner activations are "
+                "always ReLU), so it is left unbounded")
+    else:
+        return f"activation bounds are implemented for timm ResNets only, not {type(model).__name__}"
+    if isinstance(net, str):
+        return net
+    if sum(type(m) is nn.ReLU for m in model.modules()) != net.relus:
+        return "the model has ReLUs outside the BatchNorm -> ReLU pattern the rewrite knows"
+    return net
+
+
+def _timm_plan(model: nn.Module) -> _Net | str:
+    from timm.models.resnet import BasicBlock, Bottleneck
+
     if not isinstance(model.maxpool, (nn.MaxPool2d, nn.Identity)):
         return "the stem pool is not a plain max-pool"
     if getattr(model.global_pool, "pool_type", "avg") not in ("avg", "max", "avgmax", "fast"):
         return f"global pool '{model.global_pool.pool_type}' concatenates features"
     if not isinstance(model.fc, nn.Linear):
         return "the model has no linear classifier"
-    if not isinstance(model.bn1, nn.BatchNorm2d) or not isinstance(model.act1, nn.ReLU):
+    if not _bn(model.bn1) or type(model.act1) is not nn.ReLU:
         return "the stem does not end in BatchNorm -> ReLU"
-    if isinstance(model.conv1, nn.Sequential) and not _deep_stem_ok(model.conv1):
-        return "the deep stem is not conv/BatchNorm/ReLU triples"
-    for i, block in enumerate(_blocks(model)):
+    stem_pairs: list[tuple[nn.BatchNorm2d, nn.Module]] = []
+    if isinstance(model.conv1, nn.Sequential):
+        mods = list(model.conv1)
+        if not isinstance(mods[-1], nn.Conv2d) or (len(mods) - 1) % 3 or not all(
+                isinstance(mods[i], nn.Conv2d) and _bn(mods[i + 1]) and type(mods[i + 2]) is nn.ReLU
+                for i in range(0, len(mods) - 1, 3)):
+            return "the deep stem is not conv/BatchNorm/ReLU triples"
+        stem_pairs = [(mods[i + 1], mods[i + 3]) for i in range(0, len(mods) - 1, 3)]
+    blocks: list[_Block] = []
+    linear_pools = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, _blur_pool())
+    for i, block in enumerate(b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage):
         if not isinstance(block, (BasicBlock, Bottleneck)):
             return f"block {i} is a {type(block).__name__}"
         if block.se is not None:
             return "blocks with squeeze-excite or attention are not supported"
-        aa = getattr(block, "aa", None)
-        if aa is not None and not isinstance(aa, (*allowed_pool, _blur_pool())):
+        if getattr(block, "aa", None) is not None and not isinstance(block.aa, linear_pools):
             return f"block {i}'s anti-aliasing layer is not a linear pool"
-        norms = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, Bottleneck) else [])
-        acts = [block.act1, block.act2] + ([block.act3] if isinstance(block, Bottleneck) else [])
-        if not all(isinstance(n, nn.BatchNorm2d) and n.affine for n in norms) or not all(isinstance(a, nn.ReLU) for a in acts):
+        deep = isinstance(block, Bottleneck)
+        norms = [block.bn1, block.bn2] + ([block.bn3] if deep else [])
+        acts = [block.act1, block.act2] + ([block.act3] if deep else [])
+        if not all(_bn(n) for n in norms) or not all(type(a) is nn.ReLU for a in acts):
             return f"block {i} is not BatchNorm -> ReLU throughout"
-        if block.downsample is not None and _downsample_parts(block.downsample) is None:
-            return f"block {i}'s shortcut is not (pool,) conv, BatchNorm"
-    return None
+        readers: list[nn.Module] = [block.conv1]
+        projection = None
+        if block.downsample is not None:
+            parts = [m for m in block.downsample.children() if not isinstance(m, (nn.AvgPool2d, nn.Identity))] \
+                if isinstance(block.downsample, nn.Sequential) else []
+            if len(parts) != 2 or not isinstance(parts[0], nn.Conv2d) or not _bn(parts[1]):
+                return f"block {i}'s shortcut is not (pool,) conv, BatchNorm"
+            readers.append(parts[0])
+            projection = parts[1]
+        inner = [(block.bn1, block.conv2)] + ([(block.bn2, block.conv3)] if deep else [])
+        blocks.append(_Block(readers, inner, norms[-1], projection))
+    relus = 1 + len(stem_pairs) + sum(len(b.inner) + 1 for b in blocks)
+    return _Net(stem_pairs, model.bn1, blocks, model.fc, relus)
 
 
 def _blur_pool() -> type:
@@ -125,25 +189,6 @@ def _blur_pool() -> type:
         return BlurPool2d
     except ImportError:  # pragma: no cover
         return nn.Identity
-
-
-def _deep_stem_ok(stem: nn.Sequential) -> bool:
-    mods = list(stem)
-    if not isinstance(mods[-1], nn.Conv2d) or (len(mods) - 1) % 3:
-        return False
-    return all(isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d) and isinstance(mods[i + 2], nn.ReLU)
-               for i in range(0, len(mods) - 1, 3))
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    return [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage]
-
-
-def _downsample_parts(ds: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
-    mods = [m for m in ds.children() if not isinstance(m, (nn.AvgPool2d, nn.Identity))] if isinstance(ds, nn.Sequential) else []
-    if len(mods) == 2 and isinstance(mods[0], nn.Conv2d) and isinstance(mods[1], nn.BatchNorm2d) and mods[1].affine:
-        return mods[0], mods[1]
-    return None
 
 
 def _scale_norm(norm: nn.BatchNorm2d, s: torch.Tensor) -> None:
@@ -167,50 +212,32 @@ def _scale_inputs(layer: nn.Module, s: torch.Tensor) -> None:
         w.view(groups, out_per, per, *w.shape[2:]).mul_(sg.view(groups, 1, per, *([1] * (w.dim() - 2))))
 
 
-def _pairs_and_streams(model: nn.Module):
-    """The bounded pairs, and for each residual stream segment its writers and readers."""
-    from timm.models.resnet import Bottleneck
+def _pairs_and_streams(net: _Net) -> tuple[list[tuple[nn.BatchNorm2d, list[nn.Module]]], list[dict]]:
+    """The bounded BatchNorms with their readers, and each residual stream's writers and readers.
 
-    pairs: list[_Pair] = []
-    names = {id(m): n for n, m in model.named_modules()}
-    if isinstance(model.conv1, nn.Sequential):
-        mods = list(model.conv1)
-        for i in range(0, len(mods) - 1, 3):
-            pairs.append(_Pair(names[id(mods[i + 1])], mods[i + 1], mods[i + 3]))
-    blocks = _blocks(model)
+    The stem output is bounded when the first block projects it; behind an identity shortcut
+    it is the start of the first stream. A projection starts a new stream."""
+    bounded = [(n, [r]) for n, r in net.stem_pairs]
+    first = net.blocks[0]
     segments: list[dict] = []
-    # the stem output: bounded when the first block projects it, else the first stream
-    first = blocks[0]
-    if first.downsample is not None:
-        readers = [first.conv1, _downsample_parts(first.downsample)[0]]
-        stem = {"writers": [model.bn1], "readers": readers, "bounded": True}
+    current: dict | None = None
+    if first.projection is not None:
+        bounded.append((net.stem_norm, list(first.readers)))
     else:
-        stem = {"writers": [model.bn1], "readers": [first.conv1], "bounded": False}
-    segments.append(stem)
-    current = None if first.downsample is not None else stem
-    for i, block in enumerate(blocks):
-        last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
-        inner = [(block.bn1, block.conv2)] + ([(block.bn2, block.conv3)] if isinstance(block, Bottleneck) else [])
-        pairs.extend(_Pair(names[id(n)], n, r) for n, r in inner)
-        if block.downsample is not None:  # a projection starts a new stream
-            current = {"writers": [_downsample_parts(block.downsample)[1]], "readers": [], "bounded": False}
+        current = {"writers": [net.stem_norm], "readers": []}
+        segments.append(current)
+    for i, block in enumerate(net.blocks):
+        bounded.extend((n, [r]) for n, r in block.inner)
+        if block.projection is not None:
+            current = {"writers": [block.projection], "readers": []}
             segments.append(current)
-        current["writers"].append(last)
-        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-        if nxt is None:
-            current["readers"].append(model.fc)
-        else:
-            current["readers"].append(nxt.conv1)
-            if nxt.downsample is not None:
-                current["readers"].append(_downsample_parts(nxt.downsample)[0])
-    return pairs, segments
-
-
-def _effective_bounds(pairs: list[_Pair], stem_bounded: bool, stem_norm: nn.BatchNorm2d, sigma: float) -> dict[int, torch.Tensor]:
-    out = {id(p.norm): bounds(p.norm, sigma) for p in pairs}
-    if stem_bounded:
-        out[id(stem_norm)] = bounds(stem_norm, sigma)
-    return out
+        assert current is not None
+        current["writers"].append(block.last)
+        if i == 0 and block.projection is None:
+            current["readers"].extend(block.readers)
+        nxt = net.blocks[i + 1] if i + 1 < len(net.blocks) else None
+        current["readers"].extend(nxt.readers if nxt is not None else [net.head])
+    return bounded, segments
 
 
 @torch.no_grad()
@@ -244,52 +271,47 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_i
     """
     if sigma <= 0:
         return ClipResult(model, False, "turned off (--clip-sigma 0)", sigma)
-    why = _why_unsupported(model)
-    if why:
-        return ClipResult(model, False, why, sigma)
+    net = _plan(model)
+    if isinstance(net, str):
+        return ClipResult(model, False, net, sigma)
     out = copy.deepcopy(model)
-    pairs, segments = _pairs_and_streams(out)
-    stem = segments[0]
-    limits = _effective_bounds(pairs, stem["bounded"], out.bn1, sigma)
+    net = _plan(out)
+    assert not isinstance(net, str)
+    bounded, segments = _pairs_and_streams(net)
+    limits = {id(norm): bounds(norm, sigma) for norm, _ in bounded}
     # the reference is computed on the copy before it is rewritten
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(check_images, spec.channels, spec.height, spec.width, generator=gen).to(model_device(out))
     reference = _hooked_logits(out, spec, x, limits)
 
     silenced = 0
-    bounded = [(p.norm_name, p.norm, [p.reader]) for p in pairs]
-    if stem["bounded"]:
-        bounded.append(("bn1", out.bn1, stem["readers"]))
-    for _, norm, readers in bounded:
+    for norm, readers in bounded:
         c = limits[id(norm)]
         live = c > 0
         silenced += int((~live).sum())
-        scale = torch.where(live, RELU6_TOP / c.clamp_min(1e-30), torch.zeros_like(c))
-        _scale_norm(norm, scale)
+        _scale_norm(norm, torch.where(live, RELU6_TOP / c.clamp_min(1e-30), torch.zeros_like(c)))
         for r in readers:
             _scale_inputs(r, torch.where(live, c / RELU6_TOP, torch.ones_like(c)))
     for seg in segments:
-        if seg["bounded"]:
-            continue
-        top = torch.stack([(w.bias.detach().double().abs() + w.weight.detach().double().abs()) for w in seg["writers"]]).amax(0)
+        top = torch.stack([w.bias.detach().double().abs() + w.weight.detach().double().abs() for w in seg["writers"]]).amax(0)
         limit = _STREAM_HEADROOM * top.clamp_min(1e-6)
         for w in seg["writers"]:
             _scale_norm(w, RELU6_TOP / limit)
         for r in seg["readers"]:
             _scale_inputs(r, limit / RELU6_TOP)
-    for name, m in list(out.named_modules()):
+    for m in list(out.modules()):
         for child_name, child in list(m.named_children()):
             if type(child) is nn.ReLU:
                 setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
-
     with torch.no_grad(), eval_mode(out):
         got = forward_logits(out, spec.normalize(x)).float()
     err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
     if not torch.isfinite(got).all() or err > tolerance:
         return ClipResult(model, False, f"the rewrite did not match its reference (relative error {err:.2g}); left unbounded",
                           sigma, max_error=err)
-    names = [n for n, _, _ in bounded]
-    channels = sum(len(limits[id(nm)]) for _, nm, _ in bounded)
+    index = {id(m): n for n, m in out.named_modules()}
+    names = [index[id(norm)] for norm, _ in bounded]
+    channels = sum(len(limits[id(norm)]) for norm, _ in bounded)
     return ClipResult(out, True, f"{len(names)} BatchNorm -> ReLU groups bounded at beta + {sigma:g} |gamma|", sigma,
                       channels=channels, norms=names, silenced=silenced, max_error=err)
 
@@ -309,3 +331,4 @@ def copy_activations(src: nn.Module, dst: nn.Module) -> None:
             other = src_mods.get(full)
             if type(child) is nn.ReLU and type(other) is nn.ReLU6:
                 setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
+

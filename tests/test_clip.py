@@ -149,3 +149,12 @@ def test_the_card_says_what_was_bounded_or_why_not():
     assert "**Activation bounds**: after fusion" in card and "beta + 3 |gamma|" in card and "act_layer: relu6" in card
     card = render_card(otbr_hub.repair(tiny_vit(), prune_ratio=0.05, **FAST).report.to_dict())
     assert "**Activation bounds**: not applied (activation bounds are implemented for timm ResNets only" in card
+
+
+def test_transformers_resnet_is_left_unbounded_with_the_reason():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      num_labels=3, num_channels=1)).eval()
+    res = clip_activations(model, from_model(model, input_size=(1, 32, 32)).spec, 3.0)
+    assert not res.applied and "inner activations are always ReLU" in res.reason and res.model is model
