@@ -184,10 +184,12 @@ def repair(
                 pr = prune(work, layers, scores, ratio, silence_norm=settings.prune_norm, layer_cap=settings.layer_cap)
             with t("fuse"):
                 fr = build_repaired(work, pr, layers, scores, settings, progress=progress, lam=lam, links=links)
+            # the report needs which neurons were pruned, not the pruned copy: let it go before
+            # the bounds make their own copy, so that no more models are alive than while fusing
+            pr = dataclasses.replace(pr, model=None)
             with t("clip"):
                 cr = clip_activations(fr.model, spec, settings.clip_sigma, seed=settings.seed)
-            # the report needs which neurons were pruned, not the pruned copy: let it go
-            cr.model._otbr_prune, cr.model._otbr_fuse = dataclasses.replace(pr, model=None), fr
+            cr.model._otbr_prune, cr.model._otbr_fuse = pr, fr
             cr.model._otbr_clip = dataclasses.replace(cr, model=None)
             fr.model = None
             return cr.model
