@@ -180,6 +180,12 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     say(f"  prune ratio {report.prune_ratio:g}: {report.ratio_reason}")
     say(f"  pruned {report.neurons_pruned} neurons, fused with lambda {report.lam:g}; agreement with the original "
         f"on synthetic inputs {report.verification['agreement']:.3f}")
+    clip = report.clipping or {}
+    if clip.get("applied"):
+        say(f"  activation bounds: {clip['channels']} BatchNorm -> ReLU channels bounded at beta + {clip['sigma']:g} |gamma| "
+            "(saved as ReLU6)")
+    elif clip.get("reason"):
+        say(f"  activation bounds: not applied ({clip['reason']})")
     if report.evaluation:
         ev = report.evaluation
         say(f"  before: ACC {ev['before']['acc']:5.1f}%  ASR {ev['before']['asr']:5.1f}%")

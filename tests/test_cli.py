@@ -44,6 +44,7 @@ def test_repair_timm_folder_writes_same_format(tmp_path, capsys):
     assert report["prune_ratio"] == 0.05 and report["neurons_pruned"] >= 1
     assert report["source_dtype"] == "float16"
     assert "prune ratio 0.05" in stdout
+    assert "activation bounds:" in stdout and "saved as ReLU6" in stdout
     assert load_folder(out).dtype == torch.float16
 
 
