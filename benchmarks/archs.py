@@ -407,6 +407,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         row["layers_scored"] = result.report.layers_scored
         row["neurons_pruned"] = result.report.neurons_pruned
         row["agreement"] = result.report.verification.get("agreement")
+        row["bounds"] = "applied" if result.report.clipping.get("applied") else result.report.clipping.get("reason")
     except Exception as err:
         row["repair"] = _one_line(err)
         if args.traceback:
@@ -496,6 +497,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, int]:
     for col in ("repair", "auto", "scan", "save"):
         out[f"{col}_ok"] = sum(r.get(col) == "ok" for r in built)
         out[f"{col}_failed"] = sum(r.get(col) not in ("ok", "-", None) for r in built)
+    out["bounds_applied"] = sum(r.get("bounds") == "applied" for r in built)
     return out
 
 

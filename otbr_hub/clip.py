@@ -10,8 +10,8 @@ section 11); it does nothing for whole-image triggers, whose channels stay in ra
 
 The bound has to survive saving in the source's own format, so it is written into the
 weights rather than added as a hook: ``min(relu(z), c) = (c / 6) * relu6((6 / c) * z)``.
-The BatchNorm is scaled by ``6 / c``, every ReLU becomes a ReLU6 (timm's ``act_layer``, one
-config entry), and the ``c / 6`` goes into the input columns of the convolution that reads
+The BatchNorm is scaled by ``6 / c``, the ReLUs become ReLU6 (one config entry: timm's
+``act_layer``, transformers' ``hidden_act``), and the ``c / 6`` goes into the input columns of the convolution that reads
 the channel. Residual streams and the stem (when an identity shortcut reads it) are scaled
 down so far that their ReLU6 never binds, and their readers scaled back. Loaded with plain
 ReLUs the same weights compute the unbounded model exactly (positive scaling commutes with
@@ -22,8 +22,10 @@ logits are those of the bounded model.
 
 Implemented for timm ``ResNet`` models with basic or bottleneck blocks, no squeeze-excite
 or attention, and ReLU activations (ResNet-18/34/50/101/152, ResNeXt, wide ResNets and the
-``d`` variants). transformers' ``ResNetForImageClassification`` cannot carry them: its
-blocks build their inner activations as plain ReLU whatever ``hidden_act`` says. Anything
+``d`` variants). transformers' ``ResNetForImageClassification`` carries only the stem's
+bound (its blocks build their inner activations as plain ReLU whatever ``hidden_act`` says),
+which on the benchmark ResNets is where the whole effect was (``benchmarks/NOTES.md`` 11.6),
+and only when its first block projects the stem. Anything
 else is left unchanged with the reason in the result. Every rewrite is checked against
 hooks that apply the same bounds to the unrewritten model.
 """
@@ -64,10 +66,13 @@ class ClipResult:
     """Channels whose bound was <= 0 (never positive in training) and now output 0."""
     max_error: float | None = None
     """Largest relative logit difference between the rewrite and the hooked reference."""
+    config: dict[str, str] = field(default_factory=dict)
+    """The config entry that makes the saved model rebuild its ReLU6s."""
 
     def to_dict(self) -> dict:
         return {"applied": self.applied, "reason": self.reason, "sigma": self.sigma, "channels": self.channels,
-                "norms": len(self.norms), "silenced": self.silenced, "max_error": self.max_error}
+                "norms": len(self.norms), "bounded": list(self.norms), "silenced": self.silenced,
+                "max_error": self.max_error, "config": dict(self.config)}
 
 
 def bounds(norm: nn.BatchNorm2d, sigma: float) -> torch.Tensor:
@@ -99,8 +104,10 @@ class _Net:
     stem_norm: nn.BatchNorm2d
     blocks: list[_Block]
     head: nn.Linear
-    relus: int
-    """ReLU modules the plan accounts for (every ReLU of the model must be one of them)."""
+    acts: list[nn.Module]
+    """The ReLUs that become ReLU6 (every one that reads a bounded BatchNorm or a residual sum)."""
+    config: dict[str, str]
+    """The config entry that rebuilds them as ReLU6 when the model is loaded."""
 
 
 _OTHER_ACTS = (nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Sigmoid, nn.Tanh)
@@ -121,15 +128,13 @@ def _plan(model: nn.Module) -> _Net | str:
         ResNet = ()
     if isinstance(model, ResNet):
         net = _timm_plan(model)
-    elif type(model).__name__ == "ResNetForImageClassification":
-        # its blocks build their inner activations as plain ReLU whatever config.hidden_act says
-        return ("transformers' ResNet cannot store the bounds in its own format (its inner activations are "
-                "always ReLU), so it is left unbounded")
+    elif type(model).__name__ == "ResNetForImageClassification" and hasattr(model, "resnet"):
+        net = _transformers_plan(model)
     else:
-        return f"activation bounds are implemented for timm ResNets only, not {type(model).__name__}"
+        return f"activation bounds are implemented for timm and transformers ResNets only, not {type(model).__name__}"
     if isinstance(net, str):
         return net
-    if sum(type(m) is nn.ReLU for m in model.modules()) != net.relus:
+    if isinstance(model, ResNet) and sum(type(m) is nn.ReLU for m in model.modules()) != len(net.acts):
         return "the model has ReLUs outside the BatchNorm -> ReLU pattern the rewrite knows"
     return net
 
@@ -153,6 +158,9 @@ def _timm_plan(model: nn.Module) -> _Net | str:
                 for i in range(0, len(mods) - 1, 3)):
             return "the deep stem is not conv/BatchNorm/ReLU triples"
         stem_pairs = [(mods[i + 1], mods[i + 3]) for i in range(0, len(mods) - 1, 3)]
+    acts: list[nn.Module] = [model.act1]
+    if isinstance(model.conv1, nn.Sequential):
+        acts += [m for m in model.conv1.children() if type(m) is nn.ReLU]
     blocks: list[_Block] = []
     linear_pools = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, _blur_pool())
     for i, block in enumerate(b for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for b in stage):
@@ -164,8 +172,8 @@ def _timm_plan(model: nn.Module) -> _Net | str:
             return f"block {i}'s anti-aliasing layer is not a linear pool"
         deep = isinstance(block, Bottleneck)
         norms = [block.bn1, block.bn2] + ([block.bn3] if deep else [])
-        acts = [block.act1, block.act2] + ([block.act3] if deep else [])
-        if not all(_bn(n) for n in norms) or not all(type(a) is nn.ReLU for a in acts):
+        block_acts = [block.act1, block.act2] + ([block.act3] if deep else [])
+        if not all(_bn(n) for n in norms) or not all(type(a) is nn.ReLU for a in block_acts):
             return f"block {i} is not BatchNorm -> ReLU throughout"
         readers: list[nn.Module] = [block.conv1]
         projection = None
@@ -178,8 +186,44 @@ def _timm_plan(model: nn.Module) -> _Net | str:
             projection = parts[1]
         inner = [(block.bn1, block.conv2)] + ([(block.bn2, block.conv3)] if deep else [])
         blocks.append(_Block(readers, inner, norms[-1], projection))
-    relus = 1 + len(stem_pairs) + sum(len(b.inner) + 1 for b in blocks)
-    return _Net(stem_pairs, model.bn1, blocks, model.fc, relus)
+        acts.extend(block_acts)
+    return _Net(stem_pairs, model.bn1, blocks, model.fc, acts, {"act_layer": "relu6"})
+
+
+def _transformers_plan(model: nn.Module) -> _Net | str:
+    """transformers' ResNet: only the stem can be bounded. Its blocks build their inner
+    activations as plain ReLU whatever ``config.hidden_act`` says; the stem's and the residual
+    sums' follow ``hidden_act``, so those become ReLU6 and the inner ones stay unbounded."""
+    body = model.resnet
+    if getattr(model.config, "hidden_act", None) != "relu":
+        return f"hidden_act is '{getattr(model.config, 'hidden_act', None)}', not 'relu'"
+    head = [m for m in model.classifier.children() if not isinstance(m, nn.Flatten)]
+    if len(head) != 1 or not isinstance(head[0], nn.Linear):
+        return "the model has no linear classifier"
+    stem = body.embedder.embedder
+    if not _bn(stem.normalization) or type(stem.activation) is not nn.ReLU or not isinstance(body.embedder.pooler, nn.MaxPool2d):
+        return "the stem is not conv, BatchNorm, ReLU, max-pool"
+    if not isinstance(body.pooler, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return "the final pool is not a global average or max"
+    blocks: list[_Block] = []
+    acts: list[nn.Module] = [stem.activation]
+    for i, block in enumerate(b for stage in body.encoder.stages for b in stage.layers):
+        convs = list(block.layer)
+        if type(block.activation) is not nn.ReLU or not convs or not all(_bn(c.normalization) for c in convs):
+            return f"block {i} is not BatchNorm -> ReLU throughout"
+        readers: list[nn.Module] = [convs[0].convolution]
+        projection = None
+        if not isinstance(block.shortcut, nn.Identity):
+            if not _bn(getattr(block.shortcut, "normalization", None)):
+                return f"block {i}'s shortcut is not conv, BatchNorm"
+            readers.append(block.shortcut.convolution)
+            projection = block.shortcut.normalization
+        blocks.append(_Block(readers, [], convs[-1].normalization, projection))
+        acts.append(block.activation)
+    if blocks and blocks[0].projection is None:
+        return ("the first block reads the stem through an identity shortcut, and transformers' format can bound "
+                "only the stem (its inner activations are always ReLU), so it is left unbounded")
+    return _Net([], stem.normalization, blocks, head[0], acts, {"hidden_act": "relu6"})
 
 
 def _blur_pool() -> type:
@@ -299,10 +343,13 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_i
             _scale_norm(w, RELU6_TOP / limit)
         for r in seg["readers"]:
             _scale_inputs(r, limit / RELU6_TOP)
+    to_swap = {id(a) for a in net.acts}
     for m in list(out.modules()):
         for child_name, child in list(m.named_children()):
-            if type(child) is nn.ReLU:
+            if id(child) in to_swap:
                 setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
+    if "hidden_act" in net.config:
+        out.config.hidden_act = net.config["hidden_act"]  # transformers rebuilds the ReLU6s from it
     with torch.no_grad(), eval_mode(out):
         got = forward_logits(out, spec.normalize(x)).float()
     err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
@@ -313,11 +360,12 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_i
     names = [index[id(norm)] for norm, _ in bounded]
     channels = sum(len(limits[id(norm)]) for norm, _ in bounded)
     return ClipResult(out, True, f"{len(names)} BatchNorm -> ReLU groups bounded at beta + {sigma:g} |gamma|", sigma,
-                      channels=channels, norms=names, silenced=silenced, max_error=err)
+                      channels=channels, norms=names, silenced=silenced, max_error=err, config=dict(net.config))
 
 
 def uses_relu6(model: nn.Module) -> bool:
-    """Whether a (timm) model's activations were rewritten to ReLU6 by :func:`clip_activations`."""
+    """Whether a timm model's activations were rewritten to ReLU6 by :func:`clip_activations`
+    (transformers models say it in ``config.hidden_act``, which ``save_pretrained`` writes)."""
     return any(type(m) is nn.ReLU6 for m in model.modules()) and not any(type(m) is nn.ReLU for m in model.modules())
 
 
@@ -331,4 +379,6 @@ def copy_activations(src: nn.Module, dst: nn.Module) -> None:
             other = src_mods.get(full)
             if type(child) is nn.ReLU and type(other) is nn.ReLU6:
                 setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
+    if getattr(getattr(src, "config", None), "hidden_act", None) == "relu6" and hasattr(getattr(dst, "config", None), "hidden_act"):
+        dst.config.hidden_act = "relu6"
 

@@ -105,8 +105,8 @@ def test_never_positive_channels_are_silenced_not_blown_up():
 @pytest.mark.parametrize("build,why", [
     (lambda: timm.create_model("seresnet18", num_classes=5), "squeeze-excite"),
     (lambda: timm.create_model("resnet18", num_classes=5, act_layer="silu"), "not a ReLU"),
-    (lambda: timm.create_model("convnext_atto", num_classes=5), "timm ResNets only"),
-    (tiny_vit, "timm ResNets only"),
+    (lambda: timm.create_model("convnext_atto", num_classes=5), "timm and transformers ResNets only"),
+    (tiny_vit, "timm and transformers ResNets only"),
 ])
 def test_unsupported_models_are_left_as_they_are_with_the_reason(build, why):
     model = build().eval()
@@ -148,13 +148,57 @@ def test_the_card_says_what_was_bounded_or_why_not():
     card = render_card(otbr_hub.repair(model, prune_ratio=0.05, input_size=(1, 28, 28), **FAST).report.to_dict())
     assert "**Activation bounds**: after fusion" in card and "beta + 3 |gamma|" in card and "act_layer: relu6" in card
     card = render_card(otbr_hub.repair(tiny_vit(), prune_ratio=0.05, **FAST).report.to_dict())
-    assert "**Activation bounds**: not applied (activation bounds are implemented for timm ResNets only" in card
+    assert "**Activation bounds**: not applied (activation bounds are implemented for timm and transformers ResNets only" in card
 
 
-def test_transformers_resnet_is_left_unbounded_with_the_reason():
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+def test_transformers_resnet_gets_the_stem_bound_and_saves_it_as_hidden_act_relu6(tmp_path, layer_type):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[16, 24], depths=[1, 2], layer_type=layer_type, num_labels=3,
+                       num_channels=1)
+    model = ResNetForImageClassification(cfg).eval()
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            with torch.no_grad():
+                bn.weight.uniform_(-1.0, 1.0)
+                bn.bias.uniform_(-0.3, 0.3)
+                bn.running_var.uniform_(0.5, 1.5)
+    spec = from_model(model, input_size=(1, 32, 32)).spec
+    res = clip_activations(model, spec, 1.0)
+    assert res.applied, res.reason
+    assert res.norms == ["resnet.embedder.embedder.normalization"]  # the stem only
+    assert model.config.hidden_act == "relu" and res.model.config.hidden_act == "relu6"
+    x = spec.normalize(torch.rand(4, 1, 32, 32) * 3)
+    stem = model.resnet.embedder.embedder.normalization
+    c = bounds(stem, 1.0).float().view(1, -1, 1, 1)
+    hook = stem.register_forward_hook(lambda m, i, o: torch.where(c == 0, torch.zeros_like(o), torch.minimum(o, c)))
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+    hook.remove()
+    with torch.no_grad():
+        got, plain = res.model(pixel_values=x).logits, model(pixel_values=x).logits
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+    assert (plain - ref).abs().max() > 1e-3 * plain.abs().max()  # the bound binds on these inputs
+
+    repaired = otbr_hub.repair(model, prune_ratio=0.05, input_size=(1, 32, 32), **FAST)
+    assert repaired.report.clipping["applied"] and repaired.model.config.hidden_act == "relu6"
+    assert model.config.hidden_act == "relu"
+    from otbr_hub.card import render_card
+
+    assert "`hidden_act: relu6` in `config.json`" in render_card(repaired.report.to_dict())
+    out = save_model(repaired.source, repaired.model, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "relu6"
+    back = load_folder(out)
+    with torch.no_grad():
+        assert torch.allclose(forward_logits(back.model.eval(), x), forward_logits(repaired.model.eval(), x), atol=1e-5)
+
+
+def test_transformers_resnet_with_an_identity_first_block_is_left_unbounded():
     from transformers import ResNetConfig, ResNetForImageClassification
 
     model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                       num_labels=3, num_channels=1)).eval()
     res = clip_activations(model, from_model(model, input_size=(1, 32, 32)).spec, 3.0)
-    assert not res.applied and "inner activations are always ReLU" in res.reason and res.model is model
+    assert not res.applied and "identity shortcut" in res.reason and res.model is model
