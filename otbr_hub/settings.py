@@ -68,8 +68,9 @@ class RepairSettings:
     )
     clip_sigma: float = _opt(
         3.0, "after fusion, bound every BatchNorm -> ReLU channel at beta + this many |gamma| (its training-time mean "
-        "plus that many spreads), stored in the weights as ReLU6 (timm ResNets; other models are left as they are); "
-        "0: off, as in the paper. Cut the patch backdoors the fusion left on the benchmark ResNets for under a point "
+        "plus that many spreads), stored in the weights as ReLU6 (timm ResNets; transformers' ResNet: the stem only; "
+        "other models are left as they are); "
+        "0: off, as in the paper. Cut most of the patch backdoors the fusion left on the benchmark ResNets for about a point "
         "of accuracy (benchmarks/NOTES.md section 11)"
     )
     # auto ratio
