@@ -13,9 +13,10 @@ weights rather than added as a hook: ``min(relu(z), c) = (c / 6) * relu6((6 / c)
 The BatchNorm is scaled by ``6 / c``, the ReLUs become ReLU6 (one config entry: timm's
 ``act_layer``, transformers' ``hidden_act``), and the ``c / 6`` goes into the input columns of the convolution that reads
 the channel. Residual streams and the stem (when an identity shortcut reads it) are scaled
-down so far that their ReLU6 never binds, and their readers scaled back. Loaded with plain
-ReLUs the same weights compute the unbounded model exactly (positive scaling commutes with
-ReLU), so a user who drops the config entry gets the fused model, not a broken one.
+down so far that their ReLU6 does not bind, and their readers scaled back. Loaded with plain
+ReLUs the same weights compute the unbounded model (positive scaling commutes with ReLU;
+only the silenced channels stay at 0), so a user who drops the config entry gets the fused
+model, not a broken one.
 
 Residual features (``forward_features``, ``pre_logits``) come out rescaled per channel; the
 logits are those of the bounded model.
@@ -32,7 +33,10 @@ hooks that apply the same bounds to the unrewritten model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +46,12 @@ from torch import nn
 from .load import InputSpec, eval_mode, forward_logits, model_device
 
 RELU6_TOP = 6.0
-_STREAM_HEADROOM = 100.0
-"""A residual stream's ReLU6 binds at this many times its writers' largest ``|beta| + |gamma|``:
-in practice never (a sum of a few BatchNorm outputs, each within a few spreads), so streams
-keep their values. Not larger, so that float16 weights keep their precision when scaled."""
+_STREAM_HEADROOM = 1000.0
+"""A residual stream's ReLU6 binds at this many times its writers' largest ``|beta| + |gamma|``.
+On a trained zoo ResNet-18 the last stream reached about 40x (a review measurement), so 100x
+was too close; deeper ResNets sum more blocks into one stream. The check in
+:func:`clip_activations` runs on the repair's synthesised probes too, and refuses the rewrite
+if a stream's ReLU6 binds there. Not larger, so that float16 weights keep their precision."""
 _DEAD = 1e-3
 """A bound below this share of ``|beta| + |gamma|`` means the channel was (almost) never
 positive in training: it is silenced instead of scaled by an enormous factor."""
@@ -284,6 +290,24 @@ def _pairs_and_streams(net: _Net) -> tuple[list[tuple[nn.BatchNorm2d, list[nn.Mo
     return bounded, segments
 
 
+@contextlib.contextmanager
+def _exact_float32() -> Iterator[None]:
+    """No TF32 in convolutions and matmuls (CUDA's default for convs): the rewritten weights
+    round differently from the reference's, and TF32's 10-bit mantissa would turn that into
+    relative logit differences of ~5e-4, above the check's tolerance."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
 def _hooked_logits(model: nn.Module, spec: InputSpec, x: torch.Tensor, limits: dict[int, torch.Tensor]) -> torch.Tensor:
     """The reference: the unrewritten model with each bounded BatchNorm's output clamped."""
@@ -305,16 +329,18 @@ def _hooked_logits(model: nn.Module, spec: InputSpec, x: torch.Tensor, limits: d
             h.remove()
 
 
-def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_images: int = 2, seed: int = 0,
-                     tolerance: float = 1e-4) -> ClipResult:
+def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, inputs: torch.Tensor | None = None,
+                     check_images: int = 2, seed: int = 0, tolerance: float = 1e-4) -> ClipResult:
     """Bound every BatchNorm -> ReLU channel of ``model`` at ``beta + sigma * |gamma|``.
 
     Returns a rewritten copy (ReLU6 activations, rescaled weights) or, when the model is not
-    a supported timm ResNet or the rewrite does not match its hooked reference, the input
-    unchanged with the reason. ``sigma <= 0`` turns the stage off.
+    a supported ResNet or the rewrite does not match its hooked reference, the input
+    unchanged with the reason. The check runs on ``check_images`` random images plus
+    ``inputs`` (images in [0, 1], e.g. the repair's synthesised probes), so a residual
+    stream's ReLU6 that binds on them is caught. ``sigma <= 0`` turns the stage off.
     """
     if sigma <= 0:
-        return ClipResult(model, False, "turned off (--clip-sigma 0)", sigma)
+        return ClipResult(model, False, "--clip-sigma 0", sigma)
     net = _plan(model)
     if isinstance(net, str):
         return ClipResult(model, False, net, sigma)
@@ -326,7 +352,10 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_i
     # the reference is computed on the copy before it is rewritten
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(check_images, spec.channels, spec.height, spec.width, generator=gen).to(model_device(out))
-    reference = _hooked_logits(out, spec, x, limits)
+    if inputs is not None and len(inputs):
+        x = torch.cat([x, inputs.to(x)])
+    with _exact_float32():
+        reference = _hooked_logits(out, spec, x, limits)
 
     silenced = 0
     for norm, readers in bounded:
@@ -350,7 +379,8 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_i
                 setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
     if "hidden_act" in net.config:
         out.config.hidden_act = net.config["hidden_act"]  # transformers rebuilds the ReLU6s from it
-    with torch.no_grad(), eval_mode(out):
+    setattr(out, CONFIG_ATTR, dict(net.config))
+    with torch.no_grad(), eval_mode(out), _exact_float32():
         got = forward_logits(out, spec.normalize(x)).float()
     err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
     if not torch.isfinite(got).all() or err > tolerance:
@@ -363,10 +393,13 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, check_i
                       channels=channels, norms=names, silenced=silenced, max_error=err, config=dict(net.config))
 
 
-def uses_relu6(model: nn.Module) -> bool:
-    """Whether a timm model's activations were rewritten to ReLU6 by :func:`clip_activations`
-    (transformers models say it in ``config.hidden_act``, which ``save_pretrained`` writes)."""
-    return any(type(m) is nn.ReLU6 for m in model.modules()) and not any(type(m) is nn.ReLU for m in model.modules())
+CONFIG_ATTR = "_otbr_bounds_config"
+"""Set by :func:`clip_activations` on the models it rewrites: the config entry to save."""
+
+
+def bounds_config(model: nn.Module) -> dict[str, str]:
+    """The config entry a rewritten model needs when saved (``{}`` for any other model)."""
+    return dict(getattr(model, CONFIG_ATTR, None) or {})
 
 
 def copy_activations(src: nn.Module, dst: nn.Module) -> None:
@@ -379,6 +412,9 @@ def copy_activations(src: nn.Module, dst: nn.Module) -> None:
             other = src_mods.get(full)
             if type(child) is nn.ReLU and type(other) is nn.ReLU6:
                 setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
-    if getattr(getattr(src, "config", None), "hidden_act", None) == "relu6" and hasattr(getattr(dst, "config", None), "hidden_act"):
-        dst.config.hidden_act = "relu6"
+    entry = bounds_config(src)
+    if entry:
+        setattr(dst, CONFIG_ATTR, entry)
+        if "hidden_act" in entry and hasattr(getattr(dst, "config", None), "hidden_act"):
+            dst.config.hidden_act = entry["hidden_act"]
 

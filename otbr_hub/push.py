@@ -237,12 +237,31 @@ def _pr_target(ctx: HubContext, result: Any) -> tuple[str | None, str | None]:
     return None, _branch_at(ctx, repo, sha)
 
 
+def _bounded_config(result: Any, report: dict[str, Any]) -> bytes | None:
+    """The source's own ``config.json`` with the activation bounds' entry set (``act_layer`` in
+    timm's ``model_args``, transformers' ``hidden_act``), or None when no bounds were applied."""
+    entry = (report.get("clipping") or {}).get("config") if (report.get("clipping") or {}).get("applied") else None
+    source = result.source.folder
+    if not entry or source is None or not (Path(source) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(source) / "config.json").read_text())
+    if result.source.library == "timm":
+        cfg["model_args"] = {**(cfg.get("model_args") or {}), **entry}
+    else:
+        cfg.update(entry)
+    return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
 def _open_pr(ctx: HubContext, result: Any, report: dict[str, Any], folder: Path, *, branch: str) -> str:
     repo, sha = result.source.source, result.source.revision
     api = ctx.api()
     existing = call_hub(lambda: api.list_repo_files(repo, revision=sha), ctx, repo_id=repo, revision=sha)
     extra = {REPORT_FILE: _report_bytes(report, ctx)}
-    # Only weights and the report: the owner's config, preprocessing and README stay theirs.
+    # Only weights and the report: the owner's config, preprocessing and README stay theirs,
+    # except the one entry the activation bounds need (without it the weights load unbounded).
+    config = _bounded_config(result, report)
+    if config is not None:
+        extra["config.json"] = config
     planned = _operations(folder, extra, only=is_weight_file)
     removed = [op.path_in_repo for op in _stale_weights(existing, planned)]
     files = [op.path_in_repo for op in planned] + [f"{f} (removed)" for f in removed]

@@ -30,6 +30,10 @@ from .unlearn import unlearn
 from .verify import Verification, agreement, predictions, synthesize_inputs, verify
 
 
+_CLIP_CHECK_PROBES = 8
+"""Synthesised probes the activation-bound rewrite is also checked on (besides 2 noise images)."""
+
+
 @dataclass
 class RepairReport:
     """Everything that was done, in a form that goes straight into JSON and the model card."""
@@ -188,7 +192,8 @@ def repair(
             # the bounds make their own copy, so that no more models are alive than while fusing
             pr = dataclasses.replace(pr, model=None)
             with t("clip"):
-                cr = clip_activations(fr.model, spec, settings.clip_sigma, seed=settings.seed)
+                cr = clip_activations(fr.model, spec, settings.clip_sigma, seed=settings.seed,
+                                      inputs=probe[:_CLIP_CHECK_PROBES])
             cr.model._otbr_prune, cr.model._otbr_fuse = pr, fr
             cr.model._otbr_clip = dataclasses.replace(cr, model=None)
             fr.model = None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clip import uses_relu6
+from .clip import bounds_config
 from .errors import OtbrError, UsageError
 from .load import LoadedModel
 
@@ -56,7 +56,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         model = _as_dtype(model, source.dtype)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
     else:
-        relu6 = source.library == "timm" and uses_relu6(model)  # activation bounds (otbr_hub.clip) are ReLU6s
+        relu6 = source.library == "timm" and bounds_config(model).get("act_layer") == "relu6"  # otbr_hub.clip
         if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
             if relu6:
                 cfg = json.loads((source.folder / "config.json").read_text())

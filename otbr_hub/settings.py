@@ -7,6 +7,7 @@ into ``--flags`` so the two interfaces cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -116,8 +117,8 @@ class RepairSettings:
         kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}
         if not kinds or not kinds <= {"conv", "linear"}:
             raise UsageError(f"--layer-types takes conv and/or linear, got '{self.layer_types}'")
-        if self.clip_sigma < 0:
-            raise UsageError(f"--clip-sigma must be >= 0, got {self.clip_sigma}")
+        if not math.isfinite(self.clip_sigma) or self.clip_sigma < 0:
+            raise UsageError(f"--clip-sigma must be a finite number >= 0, got {self.clip_sigma}")
         if self.layer_cap < 0:
             raise UsageError(f"--layer-cap must be >= 0, got {self.layer_cap}")
         if self.fuse_chain not in ("dataflow", "order"):

@@ -134,10 +134,11 @@ def test_paper_preset_has_no_bounds_and_bad_sigma_is_a_usage_error():
     assert preset("paper").clip_sigma == 0.0
     res = otbr_hub.repair(_resnet(layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8), prune_ratio=0.05,
                           input_size=(1, 28, 28), clip_sigma=0, **FAST)
-    assert not res.report.clipping["applied"] and "off" in res.report.clipping["reason"]
+    assert not res.report.clipping["applied"] and res.report.clipping["reason"] == "--clip-sigma 0"
     assert not any(type(m) is nn.ReLU6 for m in res.model.modules())
-    with pytest.raises(UsageError, match="clip-sigma"):
-        preset(clip_sigma=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="clip-sigma"):
+            preset(clip_sigma=bad)
 
 
 def test_the_card_says_what_was_bounded_or_why_not():
@@ -202,3 +203,31 @@ def test_transformers_resnet_with_an_identity_first_block_is_left_unbounded():
                                                       num_labels=3, num_channels=1)).eval()
     res = clip_activations(model, from_model(model, input_size=(1, 32, 32)).spec, 3.0)
     assert not res.applied and "identity shortcut" in res.reason and res.model is model
+
+
+def test_a_binding_residual_stream_is_caught_and_the_model_left_unbounded(monkeypatch):
+    import otbr_hub.clip as clip
+
+    model = _resnet()
+    spec = from_model(model, input_size=(1, 48, 48)).spec
+    monkeypatch.setattr(clip, "_STREAM_HEADROOM", 1e-3)  # streams would clip almost everything
+    res = clip_activations(model, spec, 3.0, inputs=torch.rand(4, 1, 48, 48))
+    assert not res.applied and "did not match its reference" in res.reason and res.model is model
+
+
+def test_relu6_models_the_stage_never_touched_are_saved_with_their_own_config(tmp_path):
+    """MobileNetV2 is ReLU6 by design: saving it must not add the bounds' config entry."""
+    model = timm.create_model("mobilenetv2_050", num_classes=4).eval()
+    out = save_model(from_model(model, input_size=(3, 32, 32)), model, tmp_path / "m")
+    assert "act_layer" not in (json.loads((out / "config.json").read_text()).get("model_args") or {})
+    assert type(load_folder(out).model) is type(model)
+
+
+def test_the_check_runs_without_tf32_and_puts_the_flags_back():
+    from otbr_hub.clip import _exact_float32
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    with _exact_float32():
+        assert not cudnn.allow_tf32 and not matmul.allow_tf32
+    assert (cudnn.allow_tf32, matmul.allow_tf32) == before

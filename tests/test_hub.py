@@ -289,7 +289,12 @@ def test_pull_request_is_courteous_and_opened_once(hub_server: HubServer, tmp_pa
     assert hub_server.tokens.other not in pr.description
     proposed, original = hub_server.files("alice/resnet", "refs/pr/1"), hub_server.files("alice/resnet")
     assert proposed["model.safetensors"] != original["model.safetensors"] and "otbr_report.json" in proposed
-    assert proposed["README.md"] == original["README.md"] and proposed["config.json"] == original["config.json"]
+    assert proposed["README.md"] == original["README.md"]
+    # the owner's config, with the one entry the activation bounds need (else the weights load unbounded)
+    expected = json.loads(original["config.json"])
+    expected["model_args"] = {**(expected.get("model_args") or {}), "act_layer": "relu6"}
+    assert json.loads(proposed["config.json"]) == expected
+    assert "`act_layer: relu6`" in pr.description
 
     code, out, err = cli(["repair", "alice/resnet", "--pr", *FAST], capsys)
     assert code == 0, err
