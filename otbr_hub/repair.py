@@ -1,5 +1,5 @@
-"""The repair pipeline: unlearn -> score -> prune -> fuse -> verify, composed from the
-stage modules. :func:`repair` is the public entry point for models and folders."""
+"""The repair pipeline: unlearn -> score -> prune -> fuse -> bound -> verify, composed from
+the stage modules. :func:`repair` is the public entry point for models and folders."""
 
 from __future__ import annotations
 
