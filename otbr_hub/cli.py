@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import OtbrError, UsageError
-from .settings import RepairSettings
+from .settings import PRESETS, RepairSettings
 
 log = logging.getLogger("otbr_hub")
 
@@ -37,14 +37,20 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     core = parser.add_argument_group("repair")
     core.add_argument("--preset", default="default", help="named starting point: 'default' or 'paper'")
     core.add_argument("--prune-ratio", default=None, help="fraction of neurons to prune in (0, 1), or 'auto' (default)")
-    core.add_argument("--lambda", dest="lam", type=float, default=None, help="fusion weight of the pruned model, in [0, 1]")
+    core.add_argument("--lambda", dest="lam", type=float, default=None,
+                      help="fusion weight of the pruned model, in [0, 1] (default: 0.5, when the scan flags the model "
+                           "or the ratio is given; see --clean-lambda)")
     core.add_argument("--seed", type=int, default=None, help="random seed")
-    core.add_argument("--device", default=None, help="'auto' (default; GPU when Accelerate sees one), 'cpu' or 'cuda'")
+    core.add_argument("--device", default=None, help="'auto' (default; GPU when Accelerate sees one), 'cpu', 'cuda' or 'cuda:N'")
     adv = parser.add_argument_group("advanced engine settings")
     for f in dataclasses.fields(RepairSettings):
         if f.name in _HAND_MADE:
             continue
         help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        paper = PRESETS["paper"].get(f.name, default)
+        if default is not None:
+            help_text += f" (default: {default}" + (f"; paper preset: {paper})" if paper != default else ")")
         if f.type in ("bool", bool):
             adv.add_argument(_flag(f), dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -123,6 +129,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
         raise UsageError("--push and --pr are alternatives; pick one")
     if not args.output and not (args.push or args.pr):
         raise UsageError("--output is required (or publish with --push / --pr)")
+    if (args.repo_id or args.private) and not (args.push or args.pr):
+        raise UsageError("--repo-id and --private apply to --push / --pr only")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise UsageError(f"--eval-limit must be at least 1, got {args.eval_limit}")
     if len(sources) > 1:
         if args.repo_id:
             raise UsageError("--repo-id names one destination; with several sources each goes to <you>/<name>-otbr")
@@ -146,7 +156,7 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
 
     publishing = args.push or args.pr
     if args.output:
-        check_destination(args.output, overwrite=args.overwrite)
+        check_destination(args.output, overwrite=args.overwrite, source=source)
     evaluation = _prepare_eval(args)
     if publishing:  # a missing or read-only token should cost seconds, not a whole repair
         from .push import check_can_publish
@@ -156,6 +166,8 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     bars = StageBars() if bars_wanted(args.quiet) else None
 
     t0 = time.perf_counter()
+    if args.revision and Path(source).expanduser().exists():
+        raise UsageError(f"--revision applies to Hub sources; {source} is a local path")
     source = source if not args.revision else f"{source}@{args.revision}"
     try:
         result = repair(source, settings, progress=bars)

@@ -369,6 +369,15 @@ def check_finite(model: nn.Module) -> None:
             raise UnsupportedModelError(f"weights contain NaN or Inf values ({name})")
 
 
+def _state_dict_mismatch(err: Exception) -> str:
+    """torch's load_state_dict message on one line: its first line is only a heading ("Error(s)
+    in loading state_dict for X:"), the detail (missing keys, shape mismatches) follows."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith("Error(s) in loading state_dict")]
+    text = "; ".join(detail) or (lines[0] if lines else type(err).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def detect_library(folder: Path) -> Library:
     """timm folders have ``architecture`` in config.json; transformers ones ``model_type``."""
     cfg_path = folder / "config.json"
@@ -387,6 +396,8 @@ def detect_library(folder: Path) -> Library:
 def load_folder(path: str | Path, *, source: str | None = None, revision: str | None = None) -> LoadedModel:
     """Load a timm or transformers image classifier saved in ``path``, in fp32 for computing."""
     folder = Path(path)
+    if not folder.exists():
+        raise UnsupportedModelError(f"{path} does not exist")
     if not folder.is_dir():
         raise UnsupportedModelError(f"{path} is not a folder")
     lib = detect_library(folder)
@@ -417,8 +428,7 @@ def _load_timm(folder: Path) -> LoadedModel:
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UnsupportedModelError(f"weights do not match '{arch}': {first}") from None
+        raise UnsupportedModelError(f"weights do not match '{arch}': {_state_dict_mismatch(err)}") from None
     merged = dict(model.pretrained_cfg or {})
     merged.update(pcfg)
     model.pretrained_cfg = merged

@@ -414,7 +414,9 @@ def to_sarif(report: ScanReport) -> str:
 def _fmt_p(p: float | None) -> str:
     if p is None or (isinstance(p, float) and not math.isfinite(p)):
         return "n/a"
-    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+    if p < 1e-3:
+        return f"{p:.2e}"
+    return f"{p:.2g}" if p < 0.1 else f"{p:.3f}"  # two significant digits: 0.0014, not 0.001
 
 
 def _fmt_target(ev: BackdoorEvidence | None) -> str:

@@ -27,16 +27,33 @@ MAX_SHARD_SIZE: int | str = "2GB"
 _CARRY = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 
 
-def check_destination(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Fail early (before any work) when the destination cannot be written."""
+def check_destination(out_dir: str | Path, *, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Fail early (before any work) when the destination cannot be written, or when writing it
+    would replace ``source`` (the folder the model is read from) or a folder that holds it."""
     out = Path(out_dir).expanduser().absolute()
-    if not out.parent.is_dir():
+    if not out.parent.exists():
         raise UsageError(f"the parent folder of {out_dir} does not exist")
+    if not out.parent.is_dir():
+        raise UsageError(f"the parent of {out_dir} is a file, not a folder")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out_dir} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out_dir} is not empty (pass --overwrite to replace it)")
+    if source is not None and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if out.resolve() == src or out.resolve() in src.parents:
+            raise UsageError(f"{out_dir} holds the source model {source}: write the repaired model somewhere else")
+    check_writable(out.parent)
     return out
+
+
+def check_writable(folder: Path) -> None:
+    """A one-line UsageError if nothing can be created in ``folder`` (read-only, /sys, ...)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".otbr-write-check-", dir=folder)
+        os.rmdir(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write to {folder}: {err.strerror or err}") from None
 
 
 def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -118,6 +135,16 @@ def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
+def _shareable(folder: Path) -> None:
+    """Ordinary permissions (0755 folders, 0644 files, less what the umask takes away):
+    ``mkdtemp`` makes the folder 0700 and some writers make their files 0600, which would keep
+    other users of a shared ``--output`` from reading the model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o755 if path.is_dir() else 0o644) & ~mask)
+
+
 def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None,
                overwrite: bool = False, max_shard_size: int | str | None = None) -> Path:
     """Save atomically into ``out_dir``; returns its absolute path. Weights above
@@ -126,6 +153,7 @@ def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, ex
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         write_folder(source, model, tmp, extra_files, max_shard_size=max_shard_size)
+        _shareable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

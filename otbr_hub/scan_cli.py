@@ -90,7 +90,8 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
 
     out = s.add_argument_group("output")
     out.add_argument("--format", default="console", choices=FORMATS, help="report format (default console)")
-    out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of standard output")
+    out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of standard output (with a non-console --format the "
+                     "console table is still printed, unless --quiet)")
     out.add_argument("--fail-on", default="backdoored", choices=FAIL_ON_LEVELS,
                      help="lowest finding that makes the exit code 1 (default backdoored; unsafe files always count unless 'none')")
     out.add_argument("-q", "--quiet", action="store_true", help="print nothing but the report and errors (no progress)")
@@ -148,6 +149,10 @@ def _settings(args: argparse.Namespace) -> Any:
     for name in ("steps", "inputs_per_class"):  # an explicit budget holds for screened models too
         if getattr(args, name) is not None:
             overrides["screened_" + name] = getattr(args, name)
+    for flag, name, least in (("--steps", "steps", 1), ("--inputs-per-class", "inputs_per_class", 1),
+                              ("--max-classes", "max_classes", 3)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise UsageError(f"{flag} must be at least {least}, got {getattr(args, name)}")
     try:
         detector = DetectSettings(**overrides)
     except ValueError as err:
@@ -158,6 +163,21 @@ def _settings(args: argparse.Namespace) -> Any:
         raise UsageError("--limit must be 0 (no limit) or positive")
     max_bytes = int(args.max_size * 1e9) if args.max_size > 0 else None
     return ScanSettings(detector=detector, max_download_bytes=max_bytes, cache_dir=args.cache_dir)
+
+
+def _check_report_path(output: str) -> None:
+    """Before any scanning: the report file must be creatable (its folders are made as needed)."""
+    from .save import check_writable
+
+    target = Path(output).expanduser().absolute()
+    if target.is_dir():
+        raise UsageError(f"--output {output} is a folder; give a file name")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--output {output}: {parent} is a file, not a folder")
+    check_writable(parent)
 
 
 def _append_step_summary(markdown: str) -> None:
@@ -185,6 +205,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     query = bool(args.author or args.search or args.filters)
     if not targets and not query:
         raise UsageError("nothing to scan: give folders, files or repo ids, --from-file, or --author/--search/--filter")
+    if args.output:
+        _check_report_path(args.output)
     procs = team(args.device)
     settings = _settings(args)
     token = _token(args.token_env)

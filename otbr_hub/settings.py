@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,6 +113,20 @@ class RepairSettings:
             raise UsageError("--unlearn-steps must be >= 0 and --unlearn-batch >= 1")
         if self.unlearn_chunk is not None and self.unlearn_chunk < 1:
             raise UsageError(f"--unlearn-chunk must be >= 1, got {self.unlearn_chunk}")
+        if not (math.isfinite(self.unlearn_lr) and self.unlearn_lr > 0):
+            raise UsageError(f"--unlearn-lr must be a positive number, got {self.unlearn_lr}")
+        if not (0.0 <= self.unlearn_momentum < 1.0):
+            raise UsageError(f"--unlearn-momentum must be in [0, 1), got {self.unlearn_momentum}")
+        if self.noise_size is not None and self.noise_size < 1:
+            raise UsageError(f"--noise-size must be a positive number of pixels, got {self.noise_size}")
+        if not (0.0 <= self.min_agreement <= 1.0):
+            raise UsageError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
+        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise UsageError(f"{flag} is not a valid regular expression: {err}") from None
         if self.verify_samples < 1:
             raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
         kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(text)
     return {
         "not a model": ([str(not_model)], "not a model folder"),
-        "missing path": ([str(tmp_path / "nope")], "not a folder"),
+        "missing path": ([str(tmp_path / "nope")], "does not exist"),
         "no supported layer": ([str(good), "--layer-types", "linear"], "no supported layer"),
         "text model": ([str(text)], "not an image classifier"),
         "nan weights": ([str(nan)], "NaN"),
@@ -89,11 +90,20 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "ratio not a number": ([str(good), "--prune-ratio", "lots"], "prune-ratio"),
         "lambda": ([str(good), "--lambda", "2"], "lambda"),
         "unknown preset": ([str(good), "--preset", "magic"], "preset"),
+        "bad unlearn lr": ([str(good), "--unlearn-lr", "-1"], "--unlearn-lr"),
+        "bad noise size": ([str(good), "--noise-size", "0"], "--noise-size"),
+        "bad regex": ([str(good), "--include", "["], "--include"),
+        "bad min agreement": ([str(good), "--min-agreement", "2"], "--min-agreement"),
+        "bad eval limit": ([str(good), "--eval-limit", "0"], "--eval-limit"),
+        "repo id without push": ([str(good), "--repo-id", "me/x"], "--push"),
+        "revision of a local folder": ([str(good), "--revision", "v1"], "--revision"),
     }
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
-    for name, (args, expected) in _bad_inputs(tmp_path).items():
+    cases = _bad_inputs(tmp_path)
+    capsys.readouterr()  # what building the inputs printed (transformers' shard progress bar)
+    for name, (args, expected) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         code, stdout, err = run_cli(["repair", *args, "--output", str(out), *FAST], capsys)
         assert code != 0, name
@@ -110,6 +120,35 @@ def test_missing_output_parent(tmp_path, capsys):
     code, _, err = run_cli(["repair", str(src), "--output", str(tmp_path / "no" / "such" / "dir"), *FAST], capsys)
     assert code != 0 and "parent folder" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "no").exists()
+
+
+def test_output_that_holds_the_source_is_refused_even_with_overwrite(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src")
+    (src / "trigger.json").write_text("{}")
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, tmp_path):
+        code, _, err = run_cli(["repair", str(src), "--output", str(out), "--overwrite", *FAST], capsys)
+        assert code != 0 and "holds the source model" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src")
+    code, _, err = run_cli(["repair", str(src), "--output", "/proc/otbr-out", *FAST], capsys)
+    assert code != 0 and "cannot write to /proc" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["repair", str(src), "--output", str(src / "config.json" / "x"), *FAST], capsys)
+    assert code != 0 and "is a file, not a folder" in err
+
+
+def test_saved_files_are_readable_by_others(tmp_path, capsys):
+    src = timm_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["repair", str(src), "--output", str(out), "--prune-ratio", "0.05", *FAST], capsys)
+    assert code == 0, err
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o755 & ~mask
+    assert all((p.stat().st_mode & 0o777) == 0o644 & ~mask for p in out.iterdir())
 
 
 def test_non_empty_output_is_not_overwritten(tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_quiet_prints_only_errors_and_a_failure_does_not_stop_the_rest(models, t
     code, stdout, err = run(["repair", str(models[0]), str(missing), "-o", str(out), "-q", "--device", "cpu", *FAST], capsys)
     assert code == 2
     assert stdout == ""
-    assert err.strip().splitlines() == [f"otbr-hub: error: {missing}: {missing} is not a folder"]
+    assert err.strip().splitlines() == [f"otbr-hub: error: {missing}: {missing} does not exist"]
     summary = json.loads((out / "repair_summary.json").read_text())
     assert [r["status"] for r in summary["results"]] == ["ok", "error"] and summary["failed"] == 1
     assert (out / "resnet-a" / "model.safetensors").is_file() and not (out / "no-such-model").exists()

@@ -615,7 +615,7 @@ def test_cli_budget_flags_reach_the_screened_search_too() -> None:
     assert default.max_classes == 64 and default.screen_top + default.sample_size() == 24
     given = _settings(parser.parse_args(["scan", "x", "--steps", "30", "--inputs-per-class", "2", "--max-classes", "200"])).detector
     assert given.full_budget(False) == given.full_budget(True) == (2, 30) and given.max_classes == 200
-    with pytest.raises(UsageError, match="max_classes"):
+    with pytest.raises(UsageError, match="--max-classes"):
         _settings(parser.parse_args(["scan", "x", "--max-classes", "2"]))
 
 
@@ -640,3 +640,17 @@ def test_auto_repair_strength_follows_the_scan_of_the_original() -> None:
     # the walk ran: every candidate within the guard was scanned (this hand-made backdoor
     # survives pruning, so the walk ends at the largest ratio)
     assert bad.ratio_candidates and all(c["flagged"] is not None for c in bad.ratio_candidates)
+
+
+def test_an_unusable_output_or_flag_is_a_usage_error_before_any_scan(tmp_path, capsys):
+    target = tmp_path / "nothing-here"
+    cases = [
+        (["-o", str(tmp_path)], "is a folder"),
+        (["-o", "/proc/otbr/report.json"], "cannot write to /proc"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--inputs-per-class", "0"], "--inputs-per-class must be at least 1"),
+        (["--max-classes", "2"], "--max-classes must be at least 3"),
+    ]
+    for extra, expected in cases:
+        code, _, err = run(["scan", str(target), "--format", "json", *extra], capsys)
+        assert code == 4 and expected in err and len(err.strip().splitlines()) == 1, (extra, err)
