@@ -228,15 +228,19 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
 
 
 def render_card(report: dict[str, Any], *, repo_id: str | None = None, source_readme: str | None = None,
-                base_url: str = DEFAULT_BASE_URL, redact: Callable[[str], str] | None = None) -> str:
+                base_url: str = DEFAULT_BASE_URL, redact: Callable[[str], str] | None = None,
+                folder_name: str | None = None) -> str:
     """README.md text for the repaired model: YAML metadata plus the body from the template.
+
+    Without ``repo_id`` the card describes a local folder (``folder_name``, the name of the
+    ``--output`` folder) and its usage snippet loads from there.
 
     ``redact`` (a ``str -> str`` callable) scrubs secrets from the final text; the card is
     public, so it is applied to everything, the original card included.
     """
     from huggingface_hub import ModelCard
 
-    model_name = (repo_id or f"{source_label(report).split('/')[-1]}-otbr").split("/")[-1]
+    model_name = (repo_id or folder_name or f"{source_label(report).split('/')[-1]}-otbr").split("/")[-1]
     data = card_data(report, model_name=model_name, source_readme=source_readme)
     values = _template_values(report, repo_id=repo_id, source_readme=source_readme, base_url=base_url)
     original = values.pop("original_card")

@@ -182,7 +182,8 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     report_dict = report.to_dict()
     report_dict["command"] = _command(args)
     if args.output:
-        out = save_model(result.source, result.model, args.output, extra_files={"otbr_report.json": report_dict}, overwrite=args.overwrite)
+        out = save_model(result.source, result.model, args.output, extra_files=_saved_files(result, report_dict, args.output),
+                         overwrite=args.overwrite)
     if publishing:
         from .push import publish
 
@@ -207,6 +208,16 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     if publishing:
         say(f"  {'opened pull request' if args.pr else 'pushed to'} {url}")
     return 0
+
+
+def _saved_files(result: Any, report_dict: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """What goes next to the weights: the report, and the model card a push would write, so a
+    saved folder is ready to upload as it is (``--push`` renders it again for the destination)."""
+    from .card import render_card
+    from .fetch import source_readme
+
+    card = render_card(report_dict, source_readme=source_readme(result.source), folder_name=Path(out).expanduser().absolute().name)
+    return {"otbr_report.json": report_dict, "README.md": card}
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -241,13 +252,20 @@ def folder_names(sources: Sequence[str]) -> list[str]:
     return names
 
 
-def _check_parent_output(out: Path, names: list[str], overwrite: bool) -> None:
+def _check_parent_output(out: Path, names: list[str], overwrite: bool, sources: Sequence[str] = ()) -> None:
     """Several sources: ``out`` may exist (it is a parent), but no model subfolder or summary
-    may be overwritten without ``--overwrite``; checked before any work."""
+    may be overwritten without ``--overwrite``, and none may be (or hold) a source; checked
+    before any work."""
     if not out.parent.is_dir():
         raise UsageError(f"the parent folder of {out} does not exist")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
+    for name, src in zip(names, sources):
+        if Path(src).expanduser().exists():
+            resolved = Path(src).expanduser().resolve()
+            target = (out / name).resolve()
+            if target == resolved or target in resolved.parents:
+                raise UsageError(f"{out / name} would replace the source model {src}: choose another --output")
     if overwrite:
         return
     for name in [*names, SUMMARY_FILE]:
@@ -264,7 +282,7 @@ def _repair_many(args: argparse.Namespace, sources: list[str], settings: RepairS
     names = procs.broadcast(folder_names(sources) if procs.is_main else None)
     out_root = Path(args.output).expanduser().absolute() if args.output else None
     if out_root is not None:
-        _check_parent_output(out_root, names, args.overwrite)
+        _check_parent_output(out_root, names, args.overwrite, sources)
     evaluation = _prepare_eval(args)
     if publishing:
         problem = procs.broadcast(_publish_problem() if procs.is_main else None)
@@ -341,7 +359,7 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
                 if line is not None:
                     line("save")
                 folder = save_model(result.source, result.model, out_root / name,
-                                    extra_files={"otbr_report.json": report_dict}, overwrite=args.overwrite)
+                                    extra_files=_saved_files(result, report_dict, out_root / name), overwrite=args.overwrite)
                 entry["output"] = name
             if args.push or args.pr:
                 from .push import publish

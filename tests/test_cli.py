@@ -30,7 +30,7 @@ def test_repair_timm_folder_writes_same_format(tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run_cli(["repair", str(src), "--output", str(out), "--prune-ratio", "0.05", *FAST], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "otbr_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "otbr_report.json"]
     # the same config, with the activation bounds' ReLU6 (otbr_hub.clip) recorded for timm
     written, source_cfg = json.loads((out / "config.json").read_text()), json.loads((src / "config.json").read_text())
     report = json.loads((out / "otbr_report.json").read_text())
@@ -47,6 +47,28 @@ def test_repair_timm_folder_writes_same_format(tmp_path, capsys):
     assert "prune ratio 0.05" in stdout
     assert "activation bounds:" in stdout and "saved as ReLU6" in stdout
     assert load_folder(out).dtype == torch.float16
+
+
+def test_saved_folder_has_a_card_whose_snippet_loads_it(tmp_path, capsys, monkeypatch):
+    """A local repair writes the model card a push would write; its usage line names the folder."""
+    import re
+
+    import timm
+
+    src = timm_folder(tmp_path / "src")
+    out = tmp_path / "fixed-model"
+    code, _, err = run_cli(["repair", str(src), "--output", str(out), "--prune-ratio", "0.05", "-q", *FAST], capsys)
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: timm" in card and "backdoor-defense" in card
+    assert "Pruning ratio 0.05" in card and "# fixed-model" in card
+    name = re.search(r'timm.create_model\("([^"]+)"', card).group(1)
+    assert name == "local-dir:fixed-model"
+    monkeypatch.chdir(tmp_path)
+    model = timm.create_model(name, pretrained=True).eval()
+    ours = load_folder(out)
+    x = torch.rand(2, ours.spec.channels, ours.spec.height, ours.spec.width)
+    assert torch.allclose(model(x), ours.model.eval()(x), atol=1e-6)
 
 
 def test_repair_transformers_folder_carries_processor(tmp_path, capsys):

@@ -72,6 +72,7 @@ def test_two_processes_repair_and_push_each_model_once(models, tmp_path, hub_ser
     assert sorted(r["process"] for r in results) == [0, 0, 1]  # uneven split, nothing twice
     assert [r["output"] for r in results] == ["resnet-a", "resnet-b", "vit"]
     assert sorted(p.name for p in out.iterdir()) == ["repair_summary.json", "resnet-a", "resnet-b", "vit"]
+    assert all((out / name / "README.md").is_file() for name in ("resnet-a", "resnet-b", "vit"))
     for r in results:
         assert json.loads((out / r["output"] / "otbr_report.json").read_text())["neurons_pruned"] >= 1
 
@@ -109,6 +110,7 @@ def test_many_sources_in_one_process(models, tmp_path, capsys) -> None:
     lines = stdout.strip().splitlines()
     assert len(lines) == 4 and lines[0].startswith("[1/3]") and lines[-1].startswith("repaired 3 of 3 models")
     assert sorted(p.name for p in out.iterdir()) == ["repair_summary.json", "resnet-a", "resnet-b", "vit"]
+    assert all((out / name / "README.md").is_file() for name in ("resnet-a", "resnet-b", "vit"))
 
     # A second run may not replace the models without --overwrite, and checks that before any work.
     code, _, err = run(["repair", *map(str, models), "-o", str(out), "--device", "cpu", *FAST], capsys)
@@ -131,6 +133,15 @@ def test_scan_quiet_prints_nothing(models, tmp_path, capsys) -> None:
     code, stdout, err = run(["scan", str(models[0]), str(models[2]), "-q", "--format", "json", "-o",
                              str(tmp_path / "r.json"), "--fail-on", "none", *SCAN_FAST], capsys)
     assert code == 0 and stdout == "" and err == ""
+
+
+def test_several_sources_never_write_over_a_source(tmp_path, capsys) -> None:
+    """``repair root/a root/b -o root --overwrite`` would put the results where the sources are."""
+    a, b = timm_folder(tmp_path / "a"), timm_folder(tmp_path / "b")
+    before = {p: p.read_bytes() for p in [*a.iterdir(), *b.iterdir()]}
+    code, _, err = run(["repair", str(a), str(b), "-o", str(tmp_path), "--overwrite", "--device", "cpu", *FAST], capsys)
+    assert code == 2 and "would replace the source model" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in [*a.iterdir(), *b.iterdir()]} == before
 
 
 def test_several_sources_refuse_a_single_destination(models, capsys) -> None:
