@@ -419,6 +419,9 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
             raise UsageError(f"cannot read trigger file {spec}: {err}") from None
         spec = data.get("trigger", data) if isinstance(data, dict) else data
     trigger = parse_trigger(spec)
+    named = "target" in spec if isinstance(spec, dict) else "target=" in str(spec).replace(" ", "")
+    if not named:  # ASR towards a guessed class would make any repair look like a success
+        raise UsageError(f"--trigger {args.trigger}: name the attack's target class, e.g. '{trigger.name}:target=3'")
     from .data import describe_eval_source, load_eval_dataset
 
     dataset = load_eval_dataset(args.eval_dataset, "test")

@@ -119,6 +119,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "bad eval limit": ([str(good), "--eval-limit", "0"], "--eval-limit"),
         "repo id without push": ([str(good), "--repo-id", "me/x"], "--push"),
         "revision of a local folder": ([str(good), "--revision", "v1"], "--revision"),
+        "trigger without target": ([str(good), "--eval-dataset", "fashion_mnist", "--trigger", "badnets:size=3"],
+                                   "name the attack's target class"),
     }
 
 
