@@ -393,10 +393,10 @@ def _download(ctx: HubContext, repo_id: str, sha: str, filename: str) -> Path:
 def _read_json(path: Path, repo_id: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UnsupportedModelError(f"{repo_id}: {path.name} is not valid JSON ({err})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # broken, not unsupported: an error
+        raise OtbrError(f"{repo_id}: {path.name} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise UnsupportedModelError(f"{repo_id}: {path.name} is not a JSON object")
+        raise OtbrError(f"{repo_id}: {path.name} is not a JSON object")
     return data
 
 

@@ -313,10 +313,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A broken config is an error of the model (scan: ``error``), not an unsupported kind of
+    model (``skipped``): a CI gate must not read it as "nothing to scan"."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UnsupportedModelError(f"{path} is not valid JSON: {err}") from None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OtbrError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise OtbrError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def weight_file(folder: Path) -> Path:

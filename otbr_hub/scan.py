@@ -208,7 +208,7 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UnsupportedModelError(f"config.json is not valid JSON: {err}") from None
+        raise OtbrError(f"config.json is not valid JSON: {err}") from None  # broken: an error, not a skip
     return data if isinstance(data, dict) else None
 
 

@@ -356,6 +356,16 @@ def test_cli_exit_2_scan_error(tmp_path, capsys) -> None:
     assert code == 2, err
 
 
+def test_a_broken_config_is_an_error_not_a_skip(tmp_path, capsys) -> None:
+    """A CI gate must not read a corrupted model as "nothing scannable" (exit 3)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architecture": "resnet18", ')
+    code, stdout, _ = run(["scan", str(broken), "-q", "--format", "json"], capsys)
+    entry = json.loads(stdout)["targets"][0]
+    assert code == 2 and entry["verdict"] == "error" and "not valid JSON" in entry["error"]
+
+
 def test_cli_exit_3_nothing_scannable(folders, tmp_path, capsys) -> None:
     targets = tmp_path / "targets.txt"
     targets.write_text(f"# models to scan\n{folders['text']}\n\n")
