@@ -495,7 +495,8 @@ _VERDICT_STYLE = {
 
 
 def to_console(report: ScanReport, console: Any = None) -> None:
-    """Print the summary table (and unsafe-file findings) with ``rich``."""
+    """Print the summary table with ``rich``; reasons (skips, errors, notes, unsafe-file
+    findings) go below it, one line each, so the table stays readable in 80 columns."""
     from rich.console import Console
     from rich.table import Table
 
@@ -507,13 +508,16 @@ def to_console(report: ScanReport, console: Any = None) -> None:
         name = f"{t.target}@{t.revision}" if t.revision else t.target
         table.add_row(
             _escape(name),
-            f"[{_VERDICT_STYLE[t.verdict]}]{_escape(_verdict_text(t))}[/]",
+            f"[{_VERDICT_STYLE[t.verdict]}]{_escape(VERDICT_WORDS[t.verdict])}[/]",
             _fmt_p(t.backdoor.p_value if t.backdoor else None),
             _escape(_fmt_target(t.backdoor)),
             _escape(_unsafe_text(t)),
         )
     console.print(table)
     for t in report.targets:
+        if t.verdict in ("skipped", "error") and (t.skipped or t.error):
+            console.print(f"  [{_VERDICT_STYLE[t.verdict]}]{t.verdict}[/] {_escape(t.target)}: {_escape(t.skipped or t.error or '')}",
+                          soft_wrap=True)
         if t.backdoor is not None and t.backdoor.note:
             console.print(f"  [yellow]note[/] {_escape(t.target)}: {_escape(t.backdoor.note)}")
         for f in t.unsafe_files:

@@ -319,6 +319,9 @@ def test_markdown_table() -> None:
 def test_console_render() -> None:
     text = render(_full_report(), "console")
     assert "Backdoor detected" in text and "org/model@abc123" in text
+    # reasons go under the table, whole, on lines of their own
+    assert any(line.strip().startswith("skipped ") and "not an image classifier" in line for line in text.splitlines())
+    assert any(line.strip().startswith("error ") and "out of memory | retry" in line for line in text.splitlines())
     with pytest.raises(UsageError):
         render(_full_report(), "xml")
 
