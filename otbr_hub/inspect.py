@@ -18,6 +18,8 @@ import pickletools
 import struct
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
@@ -113,9 +115,22 @@ SAFE_GLOBALS: dict[str, frozenset[str]] = {
     "numpy._core.multiarray": frozenset({"_reconstruct"}),
 }
 
-# picklescan logs every dangerous import as a warning; without a handler Python would print
-# them to stderr and clutter the CLI. The same facts end up in our findings instead.
-logging.getLogger("picklescan").addHandler(logging.NullHandler())
+# picklescan logs every dangerous import as a warning ("...: dangerous import 'posix system'
+# FOUND"). The same facts end up in our findings, so its records are kept from the root
+# logger's handlers (the CLI's included, which would print them even under --quiet).
+_PICKLESCAN_LOG = logging.getLogger("picklescan")
+_PICKLESCAN_LOG.addHandler(logging.NullHandler())
+
+
+@contextmanager
+def _quiet_picklescan() -> Iterator[None]:
+    """While picklescan runs, its log records go nowhere; afterwards the logger is as it was."""
+    before = _PICKLESCAN_LOG.propagate
+    _PICKLESCAN_LOG.propagate = False
+    try:
+        yield
+    finally:
+        _PICKLESCAN_LOG.propagate = before
 
 
 @dataclass
@@ -314,7 +329,8 @@ def _check_pickle(path: Path, *, is_zip: bool) -> list[Finding]:
 
     findings: list[Finding] = []
     try:
-        result = scan_file_path(str(path))
+        with _quiet_picklescan():
+            result = scan_file_path(str(path))
     except Exception as err:  # picklescan raises plain exceptions on files it cannot parse
         return [
             Finding(

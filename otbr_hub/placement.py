@@ -4,6 +4,7 @@ gives each process its own GPU; OT solves always stay on the CPU in float64."""
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
@@ -15,6 +16,16 @@ if TYPE_CHECKING:
     from .load import InputSpec
 
 
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: str) -> None:
+    """A one-line UsageError for a device other than auto, cpu, cuda or cuda:N, before
+    torch's own error (a list of every backend it knows) can reach the user."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """Map 'auto' | 'cpu' | 'cuda[:N]' to a torch device, with a clear error for missing CUDA.
 
@@ -24,11 +35,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     """
     from .distribute import launched_processes, state
 
+    check_device_name(name)
     if name == "auto":
         device = state("auto").device
         return torch.device("cpu") if device.type == "cpu" else device  # Gloo reports 'cpu:0'
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+        raise UsageError(f"--device {name} was asked for but no CUDA GPU is available")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"--device {name} was asked for but only {count} CUDA GPU{'s' if count != 1 else ''} "
+                         f"{'are' if count != 1 else 'is'} visible (cuda:0 to cuda:{count - 1})")
     if name == "cuda" and launched_processes() > 1:
         return state("cuda").device
     return torch.device(name)

@@ -22,13 +22,13 @@ from typing import Any, Literal
 from .errors import UsageError
 from .inspect import SEVERITY_RANK, FileReport, Finding
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 TOOL_NAME = "otbr-hub"
 INFORMATION_URI = "https://github.com/otbr-hub/otbr-hub"
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
 Verdict = Literal["clean", "suspicious", "backdoored", "unsafe-file", "skipped", "error"]
-SourceKind = Literal["folder", "file", "hub"]
+SourceKind = Literal["folder", "file", "hub", "memory"]
 ReportFormat = Literal["json", "sarif", "markdown", "console"]
 
 VERDICTS: tuple[str, ...] = ("clean", "suspicious", "backdoored", "unsafe-file", "skipped", "error")
@@ -43,6 +43,12 @@ VERDICT_WORDS: dict[str, str] = {
     "skipped": "Skipped",
     "error": "Error",
 }
+
+
+WEIGHT_FILE_ONLY_NOTE = (
+    "weight file only: its safety was checked; no architecture, so the backdoor statistic was not run"
+)
+NOT_TESTED = "not tested"
 
 
 def tool_version() -> str:
@@ -102,7 +108,8 @@ class BackdoorEvidence:
 
 @dataclass
 class TargetReport:
-    """The outcome for one scanned model: a folder, a single file or a Hub repository."""
+    """The outcome for one scanned model: a folder, a single file, a Hub repository or an
+    in-memory model (``source="memory"``)."""
 
     target: str
     source: SourceKind
@@ -113,6 +120,9 @@ class TargetReport:
     skipped: str | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    note: str | None = None
+    """What the verdict does not cover, when that is not obvious from it (a lone weight file is
+    ``clean`` from its safety check alone: :data:`WEIGHT_FILE_ONLY_NOTE`)."""
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -133,6 +143,7 @@ class TargetReport:
             "skipped": self.skipped,
             "error": self.error,
             "timings": dict(self.timings),
+            "note": self.note,
         }
 
 
@@ -288,7 +299,7 @@ def _sarif_rule(rule: _Rule) -> dict[str, Any]:
         "name": "".join(part.capitalize() for part in rule.id.split("-")),
         "shortDescription": {"text": rule.short},
         "fullDescription": {"text": rule.full},
-        "helpUri": f"{INFORMATION_URI}#{rule.id}",
+        "helpUri": f"{INFORMATION_URI}/blob/main/docs/SCAN_RULES.md#{rule.id}",
         "help": {"text": rule.full},
         "defaultConfiguration": {"level": _SARIF_LEVEL[rule.severity]},
         "properties": {"tags": ["security"], "security-severity": _SECURITY_SEVERITY[rule.severity]},
@@ -302,6 +313,10 @@ def _artifact_uri(target: TargetReport, file_path: str | None) -> str:
         if file_path is None:
             return base
         return f"{base}/blob/{target.revision or 'main'}/{file_path}"
+    if target.source == "memory":  # nothing on disk: the label, as a relative reference
+        from urllib.parse import quote
+
+        return quote(target.target, safe="")
     base = Path(target.target)
     if target.source == "file":
         full = base
@@ -425,6 +440,32 @@ def _fmt_target(ev: BackdoorEvidence | None) -> str:
     return f"{ev.suspected_target} ({ev.suspected_label})" if ev.suspected_label else str(ev.suspected_target)
 
 
+def _untested(t: TargetReport) -> bool:
+    """A model verdict without detector evidence (a lone weight file): its p-value and target
+    cells must not read like a passed test."""
+    return t.backdoor is None and t.verdict in ("clean", "suspicious", "backdoored")
+
+
+def _p_cell(t: TargetReport) -> str:
+    return NOT_TESTED if _untested(t) else _fmt_p(t.backdoor.p_value if t.backdoor else None)
+
+
+def _target_cell(t: TargetReport) -> str:
+    return NOT_TESTED if _untested(t) else _fmt_target(t.backdoor)
+
+
+def _notes(t: TargetReport) -> list[str]:
+    """The target's own note, then the detector's."""
+    return [n for n in (t.note, t.backdoor.note if t.backdoor else None) if n]
+
+
+def _finding_place(t: TargetReport, f: FileReport) -> str:
+    """Where a file finding is, target included: ``evil/pytorch_model.bin``, or the file itself."""
+    if t.source == "file":
+        return t.target
+    return f"{t.target.rstrip('/')}/{f.path}"
+
+
 def _verdict_text(t: TargetReport) -> str:
     words = VERDICT_WORDS[t.verdict]
     if t.verdict == "skipped" and t.skipped:
@@ -460,19 +501,19 @@ def to_markdown(report: ScanReport) -> str:
         cells = [
             f"`{name}`".replace("|", "\\|"),
             _md_cell(_verdict_text(t)),
-            _fmt_p(t.backdoor.p_value if t.backdoor else None),
-            _md_cell(_fmt_target(t.backdoor)),
+            _p_cell(t),
+            _md_cell(_target_cell(t)),
             _md_cell(_unsafe_text(t)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if not report.targets:
         lines.append("| (no targets) | | | | |")
 
-    notes = [t for t in report.targets if t.backdoor is not None and t.backdoor.note]
+    notes = [(t, n) for t in report.targets for n in _notes(t)]
     if notes:
         lines += ["", "### Notes", ""]
-        for t in notes:
-            lines.append(f"- `{_md_cell(t.target)}`: {_md_cell(t.backdoor.note)}")  # type: ignore[union-attr]
+        for t, n in notes:
+            lines.append(f"- `{_md_cell(t.target)}`: {_md_cell(n)}")
     details = [(t, f, x) for t in report.targets for f in t.files for x in f.findings if x.severity in ("critical", "high")]
     if details:
         lines += ["", "### Unsafe file findings", ""]
@@ -509,8 +550,8 @@ def to_console(report: ScanReport, console: Any = None) -> None:
         table.add_row(
             _escape(name),
             f"[{_VERDICT_STYLE[t.verdict]}]{_escape(VERDICT_WORDS[t.verdict])}[/]",
-            _fmt_p(t.backdoor.p_value if t.backdoor else None),
-            _escape(_fmt_target(t.backdoor)),
+            _p_cell(t),
+            _escape(_target_cell(t)),
             _escape(_unsafe_text(t)),
         )
     console.print(table)
@@ -518,12 +559,13 @@ def to_console(report: ScanReport, console: Any = None) -> None:
         if t.verdict in ("skipped", "error") and (t.skipped or t.error):
             console.print(f"  [{_VERDICT_STYLE[t.verdict]}]{t.verdict}[/] {_escape(t.target)}: {_escape(t.skipped or t.error or '')}",
                           soft_wrap=True)
-        if t.backdoor is not None and t.backdoor.note:
-            console.print(f"  [yellow]note[/] {_escape(t.target)}: {_escape(t.backdoor.note)}")
+        for n in _notes(t):
+            console.print(f"  [yellow]note[/] {_escape(t.target)}: {_escape(n)}", soft_wrap=True)
         for f in t.unsafe_files:
             for x in f.findings:
                 if SEVERITY_RANK[x.severity] >= SEVERITY_RANK["high"]:
-                    console.print(f"  [red]{x.severity}[/] {_escape(f.path)}: {_escape(x.message)}")
+                    console.print(f"  [red]{x.severity}[/] {_escape(_finding_place(t, f))}: {_escape(x.message)}",
+                                  soft_wrap=True)
 
 
 def _escape(text: str) -> str:
@@ -552,32 +594,49 @@ def render(report: ScanReport, fmt: str) -> str:
     raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
 
 
-def write_report(report: ScanReport, fmt: str, output_path: str | Path | None = None) -> None:
-    """Print the report, or write it to ``output_path`` atomically.
-
-    The file is written to a temporary sibling and moved into place with ``os.replace``,
-    so a CI step reading it never sees half a report, even if the scan is interrupted.
-    """
-    if output_path is None:
-        if fmt == "console":
-            to_console(report)
-        else:
-            print(render(report, fmt), end="")
-        return
-    text = render(report, fmt)
-    target = Path(output_path)
+def _write_atomically(target: Path, text: str) -> None:
+    """Write a temporary sibling and move it into place, so a reader never sees half a report."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = target.stat().st_mode & 0o7777  # an existing report keeps its permissions
+    except FileNotFoundError:
+        mode = 0o644  # mkstemp creates 0600; reports are meant to be shared
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_report(report: ScanReport, fmt: str, output_path: str | Path | None = None) -> None:
+    """Print the report (``output_path`` None or ``"-"``), or write it to ``output_path``.
+
+    A regular file is written atomically (temporary sibling, then ``os.replace``), so a CI
+    step reading it never sees half a report. A symlink is followed and its target written,
+    not replaced; a path that exists but is not a regular file (``/dev/null``, a FIFO) is
+    written into directly, since replacing it would destroy it.
+    """
+    if output_path is None or os.fspath(output_path) == "-":
+        if fmt == "console":
+            to_console(report)
+        else:
+            print(render(report, fmt), end="")
+        return
+    text = render(report, fmt)
+    target = Path(os.path.realpath(Path(output_path).expanduser()))
+    if target.exists() and not target.is_file():
+        if target.is_dir():
+            raise UsageError(f"--output {output_path} is a folder; give a file name")
+        with open(target, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    _write_atomically(target, text)
 
 
 __all__ = [
@@ -587,6 +646,7 @@ __all__ = [
     "Finding",
     "FileReport",
     "SCHEMA_VERSION",
+    "WEIGHT_FILE_ONLY_NOTE",
     "VERDICTS",
     "FORMATS",
     "FAIL_ON_LEVELS",

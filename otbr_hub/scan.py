@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from torch import nn
 
@@ -37,15 +37,12 @@ from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
 from .load import LoadedModel, check_forward, from_model, load_folder
-from .report import BackdoorEvidence, ScanReport, SourceKind, TargetReport
+from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
 
 log = logging.getLogger("otbr_hub")
 
 Target = str | os.PathLike[str] | nn.Module | LoadedModel
 Progress = Callable[[str], None]
-
-# In-memory models have no file to point at; the report's source kinds may not list them yet.
-_MEMORY: SourceKind = "memory" if "memory" in get_args(SourceKind) else "folder"  # type: ignore[assignment]
 
 
 @dataclass
@@ -306,13 +303,16 @@ def _scan_folder(folder: Path, report: TargetReport, settings: ScanSettings, sta
 
 def _scan_file(path: Path, report: TargetReport, settings: ScanSettings, stages: _Stages) -> TargetReport:
     """A lone weight file has no architecture to build, so only its safety is checked; a
-    safe file is reported ``clean`` with no backdoor evidence."""
+    safe file is reported ``clean`` with no backdoor evidence, and a note says so (a bare
+    'clean' would read as a passed backdoor test)."""
     with stages("inspect"):
         file_report = inspect_file(path, compute_sha256=settings.compute_sha256, display_path=path.name)
     report.files = [file_report]
     if file_report.format == "unknown":
         raise UnsupportedModelError("not a weight file (safetensors, PyTorch pickle or shard index)")
     report.verdict = "clean" if file_report.safe else "unsafe-file"
+    if file_report.safe:
+        report.note = WEIGHT_FILE_ONLY_NOTE
     return report
 
 
@@ -370,7 +370,7 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
 
 def _kind_of(target: Target) -> SourceKind:
     if isinstance(target, (nn.Module, LoadedModel)):
-        return _MEMORY
+        return "memory"
     text = os.fspath(target)
     path = Path(text)
     if path.is_dir():
@@ -378,6 +378,26 @@ def _kind_of(target: Target) -> SourceKind:
     if path.is_file():
         return "file"
     return "hub" if is_repo_id(text) else "folder"
+
+
+def _memory_label(target: nn.Module | LoadedModel, position: int | None = None) -> str:
+    """``<in-memory ResNet #2>``: the class, and the position among a call's targets, so two
+    models in one report can be told apart. A LoadedModel keeps the source it names."""
+    if isinstance(target, LoadedModel):
+        if target.source and target.source != "<in-memory>":
+            return target.source
+        target = target.model
+    where = f" #{position}" if position is not None else ""
+    return f"<in-memory {type(target).__name__}{where}>"
+
+
+def _looks_local(text: str) -> str | None:
+    """The existing local folder that makes a missing repo-id-shaped target look like a path
+    (``models/typo`` beside a ``models`` folder), or None. Revisions and ``hf-hub:`` are Hub only."""
+    if "@" in text or text.startswith("hf-hub:"):
+        return None
+    parent = Path(text).parent
+    return str(parent) if parent != Path(".") and parent.is_dir() else None
 
 
 def scan_target(
@@ -390,6 +410,7 @@ def scan_target(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     on_stage: StageHook | None = None,
+    position: int | None = None,
 ) -> TargetReport:
     """Scan one target and return its report; never raises for a problem with the target.
 
@@ -398,15 +419,14 @@ def scan_target(
     config does not (plain torch modules); they are ignored for folders and Hub repos.
     ``on_stage(stage, 0, None)`` is called as each stage (resolve, download, inspect,
     load, detect) starts, and ``on_stage("margin search", done, total)`` as the margin
-    search's image passes add up, for progress displays.
+    search's image passes add up, for progress displays. ``position`` (1-based, among a
+    call's targets) goes into an in-memory model's label.
     """
     settings = settings or ScanSettings()
     stages = _Stages(on_stage)
     kind = _kind_of(target)
-    if isinstance(target, LoadedModel):
-        label = target.source or "<in-memory>"
-    elif isinstance(target, nn.Module):
-        label = "<in-memory>"
+    if isinstance(target, (nn.Module, LoadedModel)):
+        label = _memory_label(target, position)
     else:
         label = os.fspath(target)
     report = TargetReport(target=label, source=kind, verdict="error")
@@ -430,6 +450,10 @@ def scan_target(
         report.verdict, report.skipped = "skipped", str(err)
     except OtbrError as err:
         report.verdict, report.error = "error", str(err)
+        folder = _looks_local(label) if kind == "hub" else None
+        if folder is not None:  # a typo'd path must not read as a Hub outage only
+            report.error = (f"no local folder or file named {label} (the folder {folder} exists), so it was tried "
+                            f"as a Hub repo id: {err}")
     except Exception as err:  # one broken model must not abort a scan of many
         first = (str(err).strip().splitlines() or [""])[0]
         report.verdict, report.error = "error", f"unexpected {type(err).__name__}: {first}"
@@ -463,24 +487,24 @@ def scan(
     """
     settings = settings or ScanSettings()
     tags = list(filters)
-    concrete: list[Target] = []
+    concrete: list[tuple[Target, int | None]] = []  # with an in-memory model's 1-based place among the targets
     names: list[str | os.PathLike[str]] = []
-    for t in targets:
+    for i, t in enumerate(targets, 1):
         if isinstance(t, (nn.Module, LoadedModel)):
-            concrete.append(t)
+            concrete.append((t, i))
         else:
             names.append(t)
-    concrete += expand_targets(
-        names, author=author, search=search, filters=tags, limit=limit, token=token, endpoint=endpoint
-    )
+    found = expand_targets(names, author=author, search=search, filters=tags, limit=limit, token=token, endpoint=endpoint)
+    concrete += [(name, None) for name in found]
     query = {"author": author, "search": search, "filters": tags, "limit": limit} if author or search or tags else None
     report = ScanReport(settings=report_settings(settings, query))
-    for target in concrete:
-        shown = os.fspath(target) if isinstance(target, (str, os.PathLike)) else type(target).__name__
+    for target, position in concrete:
+        shown = os.fspath(target) if isinstance(target, (str, os.PathLike)) else _memory_label(target, position)
         if progress:
             progress(f"scanning {shown}")
         result = scan_target(
-            target, settings=settings, token=token, endpoint=endpoint, input_size=input_size, mean=mean, std=std
+            target, settings=settings, token=token, endpoint=endpoint, input_size=input_size, mean=mean, std=std,
+            position=position,
         )
         report.targets.append(result)
         if progress:
@@ -512,6 +536,8 @@ def describe(result: TargetReport) -> str:
         extra = f", p-value {p:.2g}" if p is not None else ""
         if result.backdoor.suspected_target is not None:
             extra += f", suspected target {result.backdoor.suspected_target}"
+    if result.note:
+        extra += f"; {result.note}"
     return f"{result.verdict}{extra} ({seconds:.1f} s)"
 
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,8 +91,8 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
 
     out = s.add_argument_group("output")
     out.add_argument("--format", default="console", choices=FORMATS, help="report format (default console)")
-    out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of standard output (with a non-console --format the "
-                     "console table is still printed, unless --quiet)")
+    out.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of standard output ('-': standard output; "
+                     "with a non-console --format the console table is still printed, unless --quiet)")
     out.add_argument("--fail-on", default="backdoored", choices=FAIL_ON_LEVELS,
                      help="lowest finding that makes the exit code 1 (default backdoored; unsafe files always count unless 'none')")
     out.add_argument("-q", "--quiet", action="store_true", help="print nothing but the report and errors (no progress)")
@@ -165,19 +166,81 @@ def _settings(args: argparse.Namespace) -> Any:
     return ScanSettings(detector=detector, max_download_bytes=max_bytes, cache_dir=args.cache_dir)
 
 
-def _check_report_path(output: str) -> None:
-    """Before any scanning: the report file must be creatable (its folders are made as needed)."""
-    from .save import check_writable
-
-    target = Path(output).expanduser().absolute()
+def _check_report_path(output: str, targets: Sequence[str] = (), from_file: str | None = None) -> None:
+    """Before any scanning: the report file must be creatable (its folders are made as needed),
+    and must not be one of the files the scan reads: the report would replace them."""
+    if output.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise UsageError(f"--output {output} ends with a path separator; give a file name")
+    target = Path(os.path.realpath(Path(output).expanduser()))  # a symlink's target is what gets written
     if target.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file name")
+    _check_not_scanned(output, target, targets, from_file)
+    if target.exists() and not target.is_file():  # a device or FIFO: written into, not replaced
+        if not os.access(target, os.W_OK):
+            raise UsageError(f"--output {output}: cannot write to {target}: permission denied")
+        return
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"--output {output}: {parent} is a file, not a folder")
-    check_writable(parent)
+    _check_creatable(output, parent, target)
+
+
+def _check_creatable(output: str, parent: Path, target: Path) -> None:
+    """Probe ``parent``, the deepest folder that exists, the way writing will use it: a file
+    goes in directly, otherwise the first missing subfolder is made there."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix=".otbr-write-check-", dir=parent)
+        os.rmdir(probe)
+    except OSError as err:
+        why = err.strerror or str(err)
+        if target.parent == parent:
+            raise UsageError(f"--output {output}: cannot create a file in {parent}: {why}") from None
+        first_missing = parent / target.relative_to(parent).parts[0]
+        raise UsageError(f"--output {output}: cannot create the folder {first_missing} ({parent} is the deepest "
+                         f"existing folder, and nothing can be created in it: {why})") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_not_scanned(output: str, target: Path, targets: Sequence[str], from_file: str | None) -> None:
+    """Refuse an output that is a scanned file, the --from-file list, or an existing file in a
+    scanned folder (a new file there is fine: it does not exist while the scan reads)."""
+    if from_file and from_file != "-" and _same_file(target, Path(from_file).expanduser()):
+        raise UsageError(f"--output {output} is the --from-file list {from_file}; the report would replace it")
+    for name in targets:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            root = Path(os.path.realpath(path))
+            if target.is_file() and root in target.parents and not _earlier_report(target):
+                raise UsageError(f"--output {output} is an existing file inside the scanned folder {name}; "
+                                 "the report would replace it (give a new file name or a path outside)")
+        elif path.is_file() and _same_file(target, path):
+            raise UsageError(f"--output {output} is the scanned file {name}; the report would replace it")
+
+
+def _earlier_report(path: Path) -> bool:
+    """A report an earlier scan wrote (its text names otbr-hub near the top, and it is not a
+    file a model loads), which a rerun may replace: ``scan models/ -o models/scan.json`` twice."""
+    from .inspect import INDEX_SUFFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
+
+    name = path.name.lower()
+    if path.suffix.lower() in PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX} or name.endswith(("config.json", INDEX_SUFFIX)):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "otbr-hub" in head
 
 
 def _append_step_summary(markdown: str) -> None:
@@ -196,6 +259,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     """Scan every target; under ``accelerate launch`` the targets are shared out between the
     processes and the main process alone writes the combined report."""
     from .distribute import team
+    from .placement import check_device_name
     from .report import ScanReport, exit_code, to_console, to_markdown, write_report
     from .scan import expand_targets, report_settings
 
@@ -204,9 +268,14 @@ def cmd_scan(args: argparse.Namespace) -> int:
         targets += _read_target_file(args.from_file)
     query = bool(args.author or args.search or args.filters)
     if not targets and not query:
+        if args.from_file:
+            where = "standard input (--from-file -)" if args.from_file == "-" else f"--from-file {args.from_file}"
+            raise UsageError(f"{where} lists no targets")
         raise UsageError("nothing to scan: give folders, files or repo ids, --from-file, or --author/--search/--filter")
-    if args.output:
-        _check_report_path(args.output)
+    output = None if args.output == "-" else args.output  # '-': standard output
+    if output:
+        _check_report_path(output, targets, args.from_file)
+    check_device_name(args.device)  # before Accelerate sees it
     procs = team(args.device)
     settings = _settings(args)
     token = _token(args.token_env)
@@ -235,8 +304,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if procs.distributed:
         report.settings["processes"] = procs.size
     if procs.is_main:
-        write_report(report, args.format, args.output)
-        if args.output and args.format != "console" and not args.quiet:
+        write_report(report, args.format, output)
+        if output and args.format != "console" and not args.quiet:
             to_console(report)
         if args.format != "markdown":
             _append_step_summary(to_markdown(report))

@@ -266,7 +266,7 @@ def test_json_validates_against_schema() -> None:
         data = json.loads(to_json(report))
         validator.validate(data)
     data = json.loads(to_json(_full_report()))
-    assert data["schema_version"] == "1.1"
+    assert data["schema_version"] == "1.2" and schema["$id"].endswith(":1.2")
     assert data["targets"][2]["backdoor"]["p_value"] == pytest.approx(1e-11)
     assert data["targets"][2]["backdoor"]["per_class"][2] is None  # NaN is not JSON
     assert data["targets"][4]["backdoor"] is None
@@ -319,6 +319,9 @@ def test_markdown_table() -> None:
 def test_console_render() -> None:
     text = render(_full_report(), "console")
     assert "Backdoor detected" in text and "org/model@abc123" in text
+    # a finding line names the target as well as the file
+    assert any(line.strip().startswith("critical models/unsafe-file/pytorch_model.bin: unpickling imports posix.system")
+               for line in text.splitlines()), text
     # reasons go under the table, whole, on lines of their own
     assert any(line.strip().startswith("skipped ") and "not an image classifier" in line for line in text.splitlines())
     assert any(line.strip().startswith("error ") and "out of memory | retry" in line for line in text.splitlines())
@@ -333,6 +336,107 @@ def test_write_report_is_atomic(tmp_path: Path) -> None:
 
     assert json.loads(out.read_text())["version"] == "2.1.0"
     assert [p.name for p in out.parent.iterdir()] == ["scan.sarif"]
+
+
+def test_write_report_writes_through_a_symlink(tmp_path: Path) -> None:
+    """The symlink stays a symlink; the file it points at gets the report."""
+    real = tmp_path / "reports" / "scan.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    real.chmod(0o600)
+    link = tmp_path / "latest.json"
+    link.symlink_to(real)
+
+    write_report(_full_report(), "json", link)
+
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert json.loads(real.read_text())["tool"] == "otbr-hub"
+    assert real.stat().st_mode & 0o777 == 0o600  # an existing report keeps its permissions
+    assert sorted(p.name for p in real.parent.iterdir()) == ["scan.json"]  # no temporary left over
+
+
+def test_write_report_writes_into_a_fifo(tmp_path: Path) -> None:
+    """A FIFO (like /dev/null, a non-regular file) is written into, never replaced by a file."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+
+    write_report(_full_report(), "json", fifo)
+    reader.join(timeout=30)
+
+    assert not reader.is_alive() and json.loads(received[0])["tool"] == "otbr-hub"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.fifo"]
+
+
+def test_write_report_dash_is_standard_output(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_report(_full_report(), "json", "-")
+    assert json.loads(capsys.readouterr().out)["tool"] == "otbr-hub"
+    assert not (tmp_path / "-").exists()
+
+
+def test_lone_weight_file_note_and_untested_cells() -> None:
+    """A lone weight file's 'clean' comes from its safety check only: every format says so."""
+    from otbr_hub.report import WEIGHT_FILE_ONLY_NOTE
+
+    lone = TargetReport(target="only.safetensors", source="file", verdict="clean", files=[_clean_file()],
+                        note=WEIGHT_FILE_ONLY_NOTE)
+    report = ScanReport(targets=[lone, _target("clean")])
+
+    data = json.loads(to_json(report))
+    jsonschema.Draft202012Validator(json_schema()).validate(data)
+    assert data["targets"][0]["note"] == WEIGHT_FILE_ONLY_NOTE and data["targets"][1]["note"] is None
+
+    md = to_markdown(report)
+    assert "| `only.safetensors` | Clean | not tested | not tested | none |" in md
+    assert f"- `only.safetensors`: {WEIGHT_FILE_ONLY_NOTE}" in md
+    assert "| `models/clean` | Clean | 0.300 | - | none |" in md  # a tested model keeps its numbers
+
+    text = render(report, "console")
+    row = next(line for line in text.splitlines() if "only.safetensors" in line and "Clean" in line)
+    assert row.count("not tested") == 2
+    assert any(line.strip() == f"note only.safetensors: {WEIGHT_FILE_ONLY_NOTE}" for line in text.splitlines()), text
+
+
+def test_in_memory_source_validates_and_has_a_relative_uri() -> None:
+    model = _target("backdoored", target="<in-memory ResNet #1>", source="memory", files=[])
+    data = json.loads(to_json(ScanReport(targets=[model])))
+    jsonschema.Draft202012Validator(json_schema()).validate(data)
+    assert data["targets"][0]["source"] == "memory"
+    (result,) = json.loads(to_sarif(ScanReport(targets=[model])))["runs"][0]["results"]
+    uri = result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri == "%3Cin-memory%20ResNet%20%231%3E"
+
+
+def test_picklescan_prints_nothing_of_its_own(tmp_path: Path) -> None:
+    """picklescan logs each dangerous import ("... FOUND"); our finding says it, so no record of
+    picklescan's may reach the root logger's handlers (the CLI's prints to stderr)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        evil = tmp_path / "evil.pkl"
+        evil.write_bytes(pickle.dumps(_RunsShell(tmp_path / "marker")))
+        report = inspect_file(evil)
+    finally:
+        root.removeHandler(handler)
+    assert "pickle-unsafe-import" in _codes(report)
+    assert [r.getMessage() for r in records if r.name.startswith("picklescan")] == []
+    assert logging.getLogger("picklescan").propagate  # restored for anyone else using it
 
 
 @pytest.mark.parametrize(

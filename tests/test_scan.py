@@ -203,6 +203,9 @@ def test_handcrafted_trigger_works() -> None:
 
 def test_clean_and_backdoored_models_get_the_right_verdicts(mixed_report) -> None:
     clean, bad = mixed_report.targets[:2]
+    # two in-memory models of one class are told apart by their place among the targets
+    assert (clean.target, bad.target) == ("<in-memory ResNet #1>", "<in-memory ResNet #2>")
+    assert clean.source == bad.source == "memory"
     assert clean.verdict == "clean" and clean.backdoor is not None and clean.backdoor.suspected_target is None
     assert bad.verdict == "backdoored"
     assert bad.backdoor.suspected_target == TARGET and bad.backdoor.p_value < 0.01
@@ -251,12 +254,14 @@ def test_lone_weight_files_get_a_safety_check_only(folders, tmp_path) -> None:
     safe = scan_target(folders["clean"] / "model.safetensors")
     assert (safe.source, safe.verdict, safe.backdoor) == ("file", "clean", None)
     assert safe.files[0].sha256 and safe.files[0].safe
+    assert "backdoor statistic was not run" in safe.note  # 'clean' must not read as a passed backdoor test
 
     marker = tmp_path / "lone-marker.txt"
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps(_WritesMarker(marker)))
     assert scan_target(evil).verdict == "unsafe-file"
     assert not marker.exists()
+    assert scan_target(folders["clean"]).note is None
 
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
@@ -554,7 +559,7 @@ def test_top_level_python_api_scans_in_memory_models_and_folders(folders) -> Non
     report = otbr_hub.scan(backdoored_model(), folders["clean"], settings=FAST, input_size=INPUT, mean=MEAN, std=STD)
     assert isinstance(report, otbr_hub.ScanReport)
     bad, clean = report.targets
-    assert (bad.target, bad.verdict, bad.backdoor.suspected_target) == ("<in-memory>", "backdoored", TARGET)
+    assert (bad.target, bad.verdict, bad.backdoor.suspected_target) == ("<in-memory ResNet #1>", "backdoored", TARGET)
     assert clean.verdict == "clean" and clean.source == "folder"
     assert isinstance(otbr_hub.DetectSettings(), DetectSettings)
 
@@ -656,7 +661,9 @@ def test_an_unusable_output_or_flag_is_a_usage_error_before_any_scan(tmp_path, c
     target = tmp_path / "nothing-here"
     cases = [
         (["-o", str(tmp_path)], "is a folder"),
-        (["-o", "/proc/otbr/report.json"], "cannot write to /proc"),
+        (["-o", "/proc/otbr/report.json"], "cannot create the folder /proc/otbr (/proc is the deepest existing folder"),
+        (["-o", str(tmp_path / "newdir") + "/"], "ends with a path separator; give a file name"),
+        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--inputs-per-class", "0"], "--inputs-per-class must be at least 1"),
         (["--max-classes", "2"], "--max-classes must be at least 3"),
@@ -664,3 +671,136 @@ def test_an_unusable_output_or_flag_is_a_usage_error_before_any_scan(tmp_path, c
     for extra, expected in cases:
         code, _, err = run(["scan", str(target), "--format", "json", *extra], capsys)
         assert code == 4 and expected in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "newdir").exists()
+
+
+
+# --------------------------------------------------------------------------- output paths and messages
+
+
+def test_output_that_is_a_scanned_file_is_refused_before_scanning(folders, tmp_path, capsys) -> None:
+    """The report must never replace the weights it scans, a file in a scanned folder, or the
+    --from-file list; a new file inside a scanned folder is fine."""
+    victim = shutil.copytree(folders["text"], tmp_path / "victim")
+    weights = victim / "model.safetensors"
+    before = weights.read_bytes()
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{victim}\n")
+    link = tmp_path / "link.json"
+    link.symlink_to(weights)
+    cases = [
+        (["scan", str(victim), "-o", str(weights)], "inside the scanned folder"),
+        (["scan", str(victim), "-o", str(link)], "inside the scanned folder"),
+        (["scan", str(weights), "-o", str(weights)], "is the scanned file"),
+        (["scan", "--from-file", str(listed), "-o", str(listed)], "is the --from-file list"),
+    ]
+    for args, expected in cases:
+        code, out, err = run([*args, "--format", "json", "-q"], capsys)
+        assert code == 4 and expected in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert out == ""
+    assert weights.read_bytes() == before and link.is_symlink()
+    assert listed.read_text() == f"{victim}\n"
+
+    fresh = victim / "scan.json"
+    code, _, err = run(["scan", str(victim), "-o", str(fresh), "--format", "json", "-q"], capsys)
+    assert code == 3, err  # the text model is skipped, and the report is written beside it
+    assert validate(fresh.read_text())["targets"][0]["verdict"] == "skipped"
+    assert weights.read_bytes() == before
+    # a rerun may replace its own earlier report there, but not another file of the folder
+    code, _, err = run(["scan", str(victim), "-o", str(fresh), "--format", "json", "-q"], capsys)
+    assert code == 3, err
+    notes = victim / "notes.md"
+    notes.write_text("my notes")
+    code, _, err = run(["scan", str(victim), "-o", str(notes), "--format", "markdown", "-q"], capsys)
+    assert code == 4 and "inside the scanned folder" in err and notes.read_text() == "my notes"
+
+
+def test_output_dash_is_standard_output(folders, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["scan", str(folders["text"]), "--format", "json", "-o", "-", "-q"], capsys)
+    assert code == 3, err
+    assert validate(out)["targets"][0]["verdict"] == "skipped"  # JSON alone: no console table after it
+    assert not (tmp_path / "-").exists()
+
+
+def test_cuda_device_without_a_gpu_names_the_value_given(capsys, monkeypatch) -> None:
+    from otbr_hub.errors import UsageError
+    from otbr_hub.placement import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(["scan", "x", "--device", "cuda:7"], capsys)
+    assert code == 4 and "--device cuda:7 was asked for but no CUDA GPU is available" in err
+    assert len(err.strip().splitlines()) == 1
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match=r"--device cuda:7 was asked for but only 1 CUDA GPU is visible"):
+        resolve_device("cuda:7")
+    for bad in ("gpu", "cuda:", "cuda:x", "cpu:0", "mps"):
+        with pytest.raises(UsageError, match="must be auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_console_finding_lines_name_the_target(folders, capsys) -> None:
+    code, out, _ = run(["scan", str(folders["evil"]), "-q"], capsys)
+    assert code == 1
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith(f"critical {folders['evil']}/pytorch_model.bin: unpickling imports") for line in lines), out
+
+
+def test_quiet_scan_of_a_malicious_pickle_prints_nothing_to_stderr(folders, capfd) -> None:
+    """-q: stdout holds the report; stderr stays empty (picklescan's own 'FOUND' lines included),
+    since a finding is not an error of the scan."""
+    import logging
+
+    from otbr_hub.cli import main as cli_main
+
+    # The CLI's logging.basicConfig handler writes to the stderr of the time it was made; give
+    # the root logger one on the real stderr so that a leaking library record would show here.
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        code = cli_main(["scan", str(folders["evil"]), "-q"])
+    finally:
+        logging.getLogger().removeHandler(handler)
+    out, err = capfd.readouterr()
+    assert code == 1 and "Unsafe file" in out
+    assert err == ""
+    assert not folders["marker"].exists()
+
+
+def test_missing_path_that_looks_like_a_repo_id_says_it_was_tried_on_the_hub(hub_server, folders, tmp_path,
+                                                                             monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    hub = {"token": False, "endpoint": hub_server.endpoint,
+           "settings": ScanSettings(detector=FAST.detector, cache_dir=str(tmp_path / "cache"))}
+
+    typo = scan_target("models/typo", **hub)
+    assert typo.verdict == "error"
+    assert typo.error.startswith("no local folder or file named models/typo (the folder models exists), "
+                                 "so it was tried as a Hub repo id: ")
+    assert "not found" in typo.error  # what the Hub said is kept
+
+    away = scan_target("nobody/typo", **hub)  # no local 'nobody' folder: a plain Hub error
+    assert away.verdict == "error" and "no local folder" not in away.error
+
+    hub_server.add_repo("models/real", _model_files(folders["evil"]))  # a real repo is still scanned
+    assert scan_target("models/real", **hub).verdict == "unsafe-file"
+
+
+def test_an_empty_target_file_says_so(tmp_path, capsys) -> None:
+    listed = tmp_path / "list.txt"
+    listed.write_text("# nothing yet\n\n")
+    code, _, err = run(["scan", "--from-file", str(listed)], capsys)
+    assert code == 4 and f"--from-file {listed} lists no targets" in err and "nothing to scan" not in err
+
+
+def test_lone_weight_file_reads_as_not_tested_in_the_cli(folders, capsys) -> None:
+    code, out, err = run(["scan", str(folders["clean"] / "model.safetensors"), *FAST_FLAGS], capsys)
+    assert code == 0, err
+    assert out.count("not tested") == 2 and "backdoor statistic was not run" in out
+    assert "weight file only" in err  # the progress line says it too
+    code, out, _ = run(["scan", str(folders["clean"] / "model.safetensors"), "--format", "json", "-q"], capsys)
+    assert "backdoor statistic was not run" in validate(out)["targets"][0]["note"]
