@@ -3,6 +3,7 @@
 >>> import otbr_hub
 >>> result = otbr_hub.repair(model)            # timm / transformers / torch model or folder
 >>> result.model, result.report.prune_ratio
+>>> result.save("fixed-model")                 # weights in the source format, report and model card
 >>> report = otbr_hub.scan(model, "user/vit")  # models, folders, files or Hub repo ids
 >>> report.targets[0].verdict, report.targets[0].backdoor.p_value
 """

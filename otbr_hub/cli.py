@@ -152,7 +152,7 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     """One source: ``--output`` is the model folder and errors end the command."""
     from .progress import StageBars, bars_wanted
     from .repair import repair
-    from .save import check_destination, save_model
+    from .save import check_destination, report_files, save_model
 
     publishing = args.push or args.pr
     if args.output:
@@ -182,8 +182,8 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     report_dict = report.to_dict()
     report_dict["command"] = _command(args)
     if args.output:
-        out = save_model(result.source, result.model, args.output, extra_files=_saved_files(result, report_dict, args.output),
-                         overwrite=args.overwrite)
+        out = save_model(result.source, result.model, args.output, overwrite=args.overwrite,
+                         extra_files=report_files(result.source, report_dict, args.output))
     if publishing:
         from .push import publish
 
@@ -208,16 +208,6 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     if publishing:
         say(f"  {'opened pull request' if args.pr else 'pushed to'} {url}")
     return 0
-
-
-def _saved_files(result: Any, report_dict: dict[str, Any], out: str | Path) -> dict[str, Any]:
-    """What goes next to the weights: the report, and the model card a push would write, so a
-    saved folder is ready to upload as it is (``--push`` renders it again for the destination)."""
-    from .card import render_card
-    from .fetch import source_readme
-
-    card = render_card(report_dict, source_readme=source_readme(result.source), folder_name=Path(out).expanduser().absolute().name)
-    return {"otbr_report.json": report_dict, "README.md": card}
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -337,7 +327,7 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
     from .distribute import writes_on_every_rank
     from .progress import ModelLine, bars_wanted
     from .repair import repair
-    from .save import save_model
+    from .save import report_files, save_model
 
     label = f"[{index + 1}/{count}] {source}"
     line = ModelLine(label) if bars_wanted(args.quiet) and not procs.distributed else None
@@ -358,8 +348,8 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
             if out_root is not None:
                 if line is not None:
                     line("save")
-                folder = save_model(result.source, result.model, out_root / name,
-                                    extra_files=_saved_files(result, report_dict, out_root / name), overwrite=args.overwrite)
+                folder = save_model(result.source, result.model, out_root / name, overwrite=args.overwrite,
+                                    extra_files=report_files(result.source, report_dict, out_root / name))
                 entry["output"] = name
             if args.push or args.pr:
                 from .push import publish

@@ -77,9 +77,11 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from .errors import UsageError
 from .evidence import WeightEvidence, combine, max_outlier_p_value, weight_evidence
 from .load import InputSpec, eval_mode, forward_logits, model_device
 from .placement import gradient_precision, images_per_pass
+from .settings import check_device
 from .verify import synthesize_inputs
 
 Method = Literal["robust", "mmbd", "trigger"]
@@ -186,28 +188,30 @@ class DetectSettings:
     as without this option."""
 
     def __post_init__(self) -> None:
+        """A one-line :class:`UsageError` (also a ValueError) for values the search cannot use."""
+        check_device(self.device, "DetectSettings.device", auto=False, none="where the model is")
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 0:
-            raise ValueError("inputs and steps must be at least 1 (screen_steps: 0 skips the margin screen)")
+            raise UsageError("inputs and steps must be at least 1 (screen_steps: 0 skips the margin screen)")
         if self.max_classes < 3:
-            raise ValueError("max_classes must be at least 3 (the null needs some classes)")
+            raise UsageError("max_classes must be at least 3 (the null needs some classes)")
         if not 0 <= self.screen_top < self.max_classes:
-            raise ValueError("screen_top must be below max_classes")
+            raise UsageError("screen_top must be below max_classes")
         if self.screen_sample is not None and self.screen_sample < 3:
-            raise ValueError("screen_sample must be at least 3 (the null needs some classes)")
+            raise UsageError("screen_sample must be at least 3 (the null needs some classes)")
         if any(v is not None and v < 1 for v in (self.screened_inputs_per_class, self.screened_steps)):
-            raise ValueError("screened inputs and steps must be at least 1")
+            raise UsageError("screened inputs and steps must be at least 1")
         if not 0 < self.alpha_backdoored <= self.alpha_suspicious < 1:
-            raise ValueError("need 0 < alpha_backdoored <= alpha_suspicious < 1")
+            raise UsageError("need 0 < alpha_backdoored <= alpha_suspicious < 1")
         if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
+            raise UsageError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
         if self.method not in ("robust", "mmbd", "trigger"):
-            raise ValueError(f"unknown method {self.method!r}")
+            raise UsageError(f"unknown method {self.method!r}")
         if self.margin_scale not in ("sd", "mad"):
-            raise ValueError(f"margin_scale must be 'sd' or 'mad', not {self.margin_scale!r}")
+            raise UsageError(f"margin_scale must be 'sd' or 'mad', not {self.margin_scale!r}")
         if self.trigger_backgrounds < 2 or self.trigger_steps < 1 or self.trigger_screen_backgrounds < 1:
-            raise ValueError("trigger search needs at least 2 backgrounds and 1 step")
+            raise UsageError("trigger search needs at least 2 backgrounds and 1 step")
         if not 0 < self.trigger_flip <= 1:
-            raise ValueError("trigger_flip must be in (0, 1]")
+            raise UsageError("trigger_flip must be in (0, 1]")
 
     def sample_size(self) -> int:
         """Classes in the random null sample above ``max_classes``."""

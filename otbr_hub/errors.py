@@ -14,8 +14,9 @@ class OtbrError(Exception):
             self.exit_code = exit_code
 
 
-class UsageError(OtbrError):
-    """Bad arguments or settings (exit code 4 for scan, 2 for repair)."""
+class UsageError(OtbrError, ValueError):
+    """Bad arguments or settings (exit code 4 for scan, 2 for repair). Also a ValueError, so
+    that code catching ``ValueError`` from a settings class keeps working."""
 
     exit_code = 4
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from .errors import OtbrError, UnsupportedModelError
+from .errors import OtbrError, UnsupportedModelError, UsageError
 
 Library = Literal["timm", "transformers", "torch"]
 
@@ -113,6 +113,19 @@ def _size_pair(size: Any) -> tuple[int, int]:
     return int(size), int(size)
 
 
+def check_input_size(input_size: Any) -> tuple[int, int, int]:
+    """``(C, H, W)`` as three positive ints, or a one-line UsageError: a 2-tuple would otherwise
+    fail to unpack and a zero side would only fail in the forward pass, with a message about the model."""
+    import numbers
+
+    values = tuple(input_size) if isinstance(input_size, (tuple, list, torch.Size)) else None
+    if values is None or len(values) != 3 or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values):
+        raise UsageError(f"input_size must be (C, H, W) with positive integers, got {input_size!r}")
+    c, h, w = (int(v) for v in values)
+    return c, h, w
+
+
 def input_spec(
     model: nn.Module,
     *,
@@ -165,7 +178,7 @@ def input_spec(
     else:
         n = getattr(model, "num_classes", None)
     if input_size is not None:
-        c, h, w = (int(v) for v in input_size)
+        c, h, w = check_input_size(input_size)
     if c is None or h is None or w is None:
         raise UnsupportedModelError("cannot tell the model's input size; pass input_size=(C, H, W)")
     default_m, default_s = (IMAGENET_MEAN, IMAGENET_STD) if lib != "torch" else ((0.0,), (1.0,))
@@ -269,6 +282,10 @@ def _forward_failure(err: BaseException, c: int, h: int, w: int) -> OtbrError:
     )
 
 
+FEATURE_EXTRACTOR = "a timm feature extractor (num_classes is 0), not a classifier"
+"""Why a timm model built with ``num_classes=0`` (it returns pooled features) is refused."""
+
+
 def check_forward(model: nn.Module, spec: InputSpec) -> None:
     """One eval-mode forward pass of a single blank input, before any real work: a model that
     cannot run on the described input, or does not return ``(batch, num_classes)`` logits,
@@ -281,6 +298,8 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
                 f"{type(model).__name__} does not take images as pixel_values (its forward reads other inputs), "
                 "so it cannot be repaired or scanned"
             )
+    if library_of(model) == "timm" and getattr(model, "num_classes", None) == 0:
+        raise UnsupportedModelError(FEATURE_EXTRACTOR)
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
     x = spec.normalize(torch.zeros(1, spec.channels, spec.height, spec.width)).to(dtype=dtype, device=model_device(model))
@@ -500,9 +519,16 @@ def from_model(
     num_classes: int | None = None,
 ) -> LoadedModel:
     """Wrap an in-memory model (timm, transformers or plain torch) for the engine."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
     params = list(model.parameters())
     if not params:
         raise UnsupportedModelError("the model has no parameters")
+    if any(t.is_meta for t in [*params, *model.buffers()]):
+        raise UnsupportedModelError(
+            "the model's weights are on the 'meta' device (not loaded): load real weights first "
+            "(e.g. load_state_dict(..., assign=True) or to_empty() and then load them)"
+        )
     dtype = source_dtype({str(i): p for i, p in enumerate(params)})
     spec = input_spec(model, input_size=input_size, mean=mean, std=std, num_classes=num_classes)
     return LoadedModel(model=model, library=library_of(model), spec=spec, source="<in-memory>", dtype=dtype)

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import __version__
 from .clip import ClipResult, clip_activations, copy_activations
-from .errors import OtbrError, UnsupportedModelError
+from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fuse import FuseResult, dataflow_links, fuse
 from .layers import Layer, select_layers
 from .load import LoadedModel, check_forward, eval_mode, from_model, load_folder
@@ -77,6 +77,28 @@ class RepairResult:
     model: nn.Module
     report: RepairReport
     source: LoadedModel
+
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the repaired model as ``otbr-hub repair --output`` writes it, so that the folder
+        loads with the source's own library and is ready to upload: the weights in the source
+        format and dtype (timm: ``config.json`` + ``model.safetensors``; transformers:
+        ``save_pretrained``), ``otbr_report.json`` and a model card (``README.md``). Returns the
+        folder's absolute path. A non-empty ``out_dir`` is refused unless ``overwrite``, and so is
+        the source's own folder. Plain torch modules have no config to rebuild them from:
+        :class:`UnsupportedModelError` (save ``self.model.state_dict()`` yourself).
+
+        Saving with timm's own ``timm.models.save_for_hf(result.model, out)`` loses the
+        activation bounds of a repaired timm ResNet (its ReLU6s come back as ReLUs): pass
+        ``model_args=result.report.clipping.get("config")`` (``{"act_layer": "relu6"}`` when
+        bounds were applied), which this method does for you.
+        """
+        from .save import check_destination, check_savable, report_files, save_model
+
+        check_savable(self.source)
+        check_destination(out_dir, overwrite=overwrite, source=self.source.folder)
+        report = self.report.to_dict()
+        return save_model(self.source, self.model, out_dir, extra_files=report_files(self.source, report, out_dir),
+                          overwrite=overwrite)
 
 
 class _Timer:
@@ -153,10 +175,32 @@ def repair(
     through :func:`otbr_hub.push.publish` (token from ``HF_TOKEN`` or the stored login).
     ``progress(stage, done, total)`` is told when each stage starts and how far unlearning
     and fusion are (see :mod:`otbr_hub.progress`); nothing is printed here.
+
+    Settings come either as a :class:`RepairSettings` (``settings=``, e.g. from
+    :func:`otbr_hub.preset`), with keyword overrides of its fields, or as keywords alone
+    (``preset=`` included). Giving both ``settings`` and ``preset=`` raises
+    :class:`UsageError`: which of the two should win is ambiguous, so start from
+    ``otbr_hub.preset("paper", ...)`` instead.
+
+    The repair is seeded with ``settings.seed`` (same seed, same device: same weights) and
+    puts torch's global random state back afterwards (the CPU's, and the GPU's it ran on),
+    so the caller's own random stream is not reset.
+
+    Forward hooks and pre-hooks registered on the model run during the repair (an fp32
+    model already on the repair device is run in place, any other model is deep-copied with
+    its hooks), and ``result.model``, a deep copy of the input, carries them too. Hooks are part of
+    how ``torch.nn.utils.weight_norm``, ``spectral_norm`` and ``torch.nn.utils.prune`` compute
+    the weights, so they are not taken away; observer hooks (logging, feature capture) see the
+    synthetic noise and probe images: remove them before repairing, or from ``result.model``.
     """
     publish_as_pr = pr  # the name ``pr`` is reused below for the prune result
+    if settings is not None and not isinstance(settings, RepairSettings):
+        raise UsageError(f"settings must be a RepairSettings, got {type(settings).__name__}; pass fields as keywords "
+                         "(repair(model, prune_ratio=0.05, preset='paper'))")
     if settings is None:
         settings = preset(overrides.pop("preset", "default"), **overrides)
+    elif "preset" in overrides:
+        raise UsageError("pass preset= or a RepairSettings, not both (otbr_hub.preset(name, **fields) makes the settings)")
     elif overrides:
         settings = preset(settings.preset, **{**settings.to_dict(), **overrides})
     settings.validate()
@@ -165,9 +209,8 @@ def repair(
         loaded = _as_loaded(source, input_size=input_size, mean=mean, std=std)
     spec = loaded.spec
     device = resolve_device(settings.device)
-    torch.manual_seed(settings.seed)
 
-    with _working_model(loaded.model, device) as work:
+    with _seeded(settings.seed, device), _working_model(loaded.model, device) as work:
         check_forward(work, spec)
         layers = select_layers(work, settings)
         with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
@@ -275,6 +318,23 @@ def repair(
 
         publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
     return result
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global RNG seeded for the block (train-mode unlearning draws dropout from it),
+    the caller's state back afterwards: a library call must not reset the caller's stream.
+
+    Only the CPU generator and that of the GPU in use are seeded and restored: nothing else
+    draws from the others, and ``torch.manual_seed`` would reseed every GPU (or, before CUDA
+    starts, queue a seed it applies whenever CUDA starts later), which could not be put back."""
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus, device_type="cuda"):  # reads the GPU's state first, which starts CUDA
+        torch.default_generator.manual_seed(seed)
+        for index in gpus:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

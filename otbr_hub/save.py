@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .clip import bounds_config
-from .errors import OtbrError, UsageError
+from .errors import OtbrError, UnsupportedModelError, UsageError
 from .load import LoadedModel
 
 # Largest safetensors file written; bigger models are split into shards plus an index.
@@ -145,10 +145,32 @@ def _shareable(folder: Path) -> None:
         os.chmod(path, (0o755 if path.is_dir() else 0o644) & ~mask)
 
 
+def check_savable(source: LoadedModel) -> None:
+    """Only timm and transformers models can be written as a folder that loads again: a plain
+    torch module has no config to rebuild its class from."""
+    if source.library not in ("timm", "transformers"):
+        raise UnsupportedModelError(
+            f"cannot save a plain torch {type(source.model).__name__} as a model folder: it has no timm or "
+            "transformers config to rebuild it from; save result.model.state_dict() yourself "
+            "(e.g. safetensors.torch.save_file)"
+        )
+
+
+def report_files(source: LoadedModel, report: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """What goes next to the weights: the report, and the model card a push would write, so a
+    saved folder is ready to upload as it is (``--push`` renders it again for the destination)."""
+    from .card import render_card
+    from .fetch import source_readme
+
+    card = render_card(report, source_readme=source_readme(source), folder_name=Path(out_dir).expanduser().absolute().name)
+    return {"otbr_report.json": report, "README.md": card}
+
+
 def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None,
                overwrite: bool = False, max_shard_size: int | str | None = None) -> Path:
     """Save atomically into ``out_dir``; returns its absolute path. Weights above
     ``max_shard_size`` (default :data:`MAX_SHARD_SIZE`) are sharded with an index."""
+    check_savable(source)
     out = check_destination(out_dir, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

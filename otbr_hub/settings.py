@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +20,39 @@ Preset = Literal["default", "paper"]
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+def flag_of(name: str) -> str:
+    """The CLI flag of a RepairSettings field (``lam`` -> ``--lambda``), as :mod:`otbr_hub.cli` makes it."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(RepairSettings)}.get(name, {})
+    return "--" + meta.get("flag", name).replace("_", "-")
+
+
+def _bad(name: str, problem: str) -> UsageError:
+    """One message for both audiences: the Python field and its CLI flag, e.g.
+    ``lam (--lambda) must be in [0, 1], got 2``."""
+    return UsageError(f"{name} ({flag_of(name)}) {problem}")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(value: Any, label: str, *, auto: bool = True, none: str | None = None) -> None:
+    """``auto`` (when allowed), ``cpu``, ``cuda`` or ``cuda:N`` (and None where ``none`` says
+    what it means): checked up front, because ``torch.device("cuda:abc")`` would only fail
+    once the work has started."""
+    if value is None and none is not None:
+        return
+    if isinstance(value, str) and _DEVICE.fullmatch(value) and (auto or value != "auto"):
+        return
+    choices = (f"None ({none}), " if none else "") + ("auto, " if auto else "") + "cpu, cuda or cuda:N"
+    shown = f"'{value}'" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    raise UsageError(f"{label} must be {choices}, got {shown}")
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "None": "None"}
+_KIND_ORDER = ["int", "float", "bool", "str", "None"]
+_WANTED = {"prune_ratio": "a number in (0, 1) or 'auto'"}
 
 
 @dataclass
@@ -94,7 +128,10 @@ class RepairSettings:
     )
 
     def validate(self) -> "RepairSettings":
-        """Raise a one-line UsageError for any value the engine cannot honour."""
+        """Raise a one-line UsageError for any value the engine cannot honour. Types are checked
+        first, so that a wrong type (``unlearn_steps="3"``) is named instead of raising a
+        TypeError from a comparison; numbers are stored as plain ``int``/``float``."""
+        self._check_types()
         if self.preset not in PRESETS:
             raise UsageError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
         if isinstance(self.prune_ratio, str):
@@ -102,60 +139,79 @@ class RepairSettings:
                 try:
                     self.prune_ratio = float(self.prune_ratio)
                 except ValueError:
-                    raise UsageError(f"--prune-ratio must be a number in (0, 1) or 'auto', got '{self.prune_ratio}'") from None
-        if not isinstance(self.prune_ratio, str) and not (0.0 < float(self.prune_ratio) < 1.0):
-            raise UsageError(f"--prune-ratio must be in (0, 1), got {self.prune_ratio}")
-        if not (0.0 <= self.lam <= 1.0):
-            raise UsageError(f"--lambda must be in [0, 1], got {self.lam}")
-        if not (0.0 <= self.clean_lambda <= 1.0):
-            raise UsageError(f"--clean-lambda must be in [0, 1], got {self.clean_lambda}")
-        if self.unlearn_steps < 0 or self.unlearn_batch < 1:
-            raise UsageError("--unlearn-steps must be >= 0 and --unlearn-batch >= 1")
-        if self.unlearn_chunk is not None and self.unlearn_chunk < 1:
-            raise UsageError(f"--unlearn-chunk must be >= 1, got {self.unlearn_chunk}")
-        if not (math.isfinite(self.unlearn_lr) and self.unlearn_lr > 0):
-            raise UsageError(f"--unlearn-lr must be a positive number, got {self.unlearn_lr}")
+                    raise _bad("prune_ratio", f"must be a number in (0, 1) or 'auto', got '{self.prune_ratio}'") from None
+        if not isinstance(self.prune_ratio, str) and not (0.0 < self.prune_ratio < 1.0):
+            raise _bad("prune_ratio", f"must be in (0, 1), got {self.prune_ratio}")
+        for name in ("lam", "clean_lambda", "min_agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise _bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.unlearn_steps < 0:
+            raise _bad("unlearn_steps", f"must be >= 0, got {self.unlearn_steps}")
+        for name in ("unlearn_batch", "unlearn_chunk", "verify_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise _bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.unlearn_lr > 0:
+            raise _bad("unlearn_lr", f"must be a positive number, got {self.unlearn_lr}")
         if not (0.0 <= self.unlearn_momentum < 1.0):
-            raise UsageError(f"--unlearn-momentum must be in [0, 1), got {self.unlearn_momentum}")
+            raise _bad("unlearn_momentum", f"must be in [0, 1), got {self.unlearn_momentum}")
         if self.noise_size is not None and self.noise_size < 1:
-            raise UsageError(f"--noise-size must be a positive number of pixels, got {self.noise_size}")
-        if not (0.0 <= self.min_agreement <= 1.0):
-            raise UsageError(f"--min-agreement must be in [0, 1], got {self.min_agreement}")
-        for flag, pattern in (("--include", self.include), ("--exclude", self.exclude)):
-            if pattern is not None:
+            raise _bad("noise_size", f"must be a positive number of pixels, got {self.noise_size}")
+        for name in ("include", "exclude"):
+            if getattr(self, name) is not None:
                 try:
-                    re.compile(pattern)
+                    re.compile(getattr(self, name))
                 except re.error as err:
-                    raise UsageError(f"{flag} is not a valid regular expression: {err}") from None
-        if self.verify_samples < 1:
-            raise UsageError(f"--verify-samples must be >= 1, got {self.verify_samples}")
+                    raise _bad(name, f"is not a valid regular expression: {err}") from None
         kinds = {k.strip() for k in self.layer_types.split(",") if k.strip()}
         if not kinds or not kinds <= {"conv", "linear"}:
-            raise UsageError(f"--layer-types takes conv and/or linear, got '{self.layer_types}'")
-        if not math.isfinite(self.clip_sigma) or self.clip_sigma < 0:
-            raise UsageError(f"--clip-sigma must be a finite number >= 0, got {self.clip_sigma}")
+            raise _bad("layer_types", f"takes conv and/or linear, got '{self.layer_types}'")
+        if self.clip_sigma < 0:
+            raise _bad("clip_sigma", f"must be a finite number >= 0, got {self.clip_sigma}")
         if self.layer_cap < 0:
-            raise UsageError(f"--layer-cap must be >= 0, got {self.layer_cap}")
+            raise _bad("layer_cap", f"must be >= 0, got {self.layer_cap}")
         if self.fuse_chain not in ("dataflow", "order"):
-            raise UsageError(f"--fuse-chain must be 'dataflow' or 'order', got '{self.fuse_chain}'")
+            raise _bad("fuse_chain", f"must be 'dataflow' or 'order', got '{self.fuse_chain}'")
         if self.ranking not in ("global", "layer-normalized"):
-            raise UsageError(f"--ranking must be 'global' or 'layer-normalized', got '{self.ranking}'")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu or cuda, got '{self.device}'")
+            raise _bad("ranking", f"must be 'global' or 'layer-normalized', got '{self.ranking}'")
+        check_device(self.device, f"device ({flag_of('device')})")
         if self.precision not in ("fp32", "bf16", "auto"):
-            raise UsageError(f"--precision must be fp32, bf16 or auto, got '{self.precision}'")
+            raise _bad("precision", f"must be fp32, bf16 or auto, got '{self.precision}'")
         if not 0 < self.fallback_ratio < 1:
-            raise UsageError(f"--fallback-ratio must be in (0, 1), got {self.fallback_ratio}")
+            raise _bad("fallback_ratio", f"must be in (0, 1), got {self.fallback_ratio}")
         for r in self.grid():
             if not 0 < r < 1:
-                raise UsageError(f"--ratio-grid values must be in (0, 1), got {r}")
+                raise _bad("ratio_grid", f"values must be in (0, 1), got {r}")
         return self
+
+    def _check_types(self) -> None:
+        """Each field against its annotation: ``int`` (not bool), ``float`` (an int or float,
+        finite), ``bool``, ``str``, each optionally ``| None``; ``prune_ratio`` is a number or a string."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = {k.strip() for k in str(f.type).split("|")}
+            if value is None and "None" in kinds:
+                continue
+            if "str" in kinds and isinstance(value, str):
+                continue
+            if "float" in kinds and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise _bad(f.name, f"must be a finite number, got {value}")
+                if type(value) not in (int, float):  # numpy/torch scalars: plain numbers for the JSON report
+                    setattr(self, f.name, float(value))
+                continue
+            if "int" in kinds and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, f.name, int(value))
+                continue
+            if "bool" in kinds and isinstance(value, bool):
+                continue
+            wanted = _WANTED.get(f.name) or " or ".join(_KIND_WORDS[k] for k in sorted(kinds, key=_KIND_ORDER.index))
+            raise _bad(f.name, f"must be {wanted}, got {value!r} ({type(value).__name__})")
 
     def grid(self) -> list[float]:
         try:
             return sorted(float(v) for v in self.ratio_grid.split(",") if v.strip())
         except ValueError:
-            raise UsageError(f"--ratio-grid must be a comma list of numbers, got '{self.ratio_grid}'") from None
+            raise _bad("ratio_grid", f"must be a comma list of numbers, got '{self.ratio_grid}'") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,8 +246,9 @@ PRESETS: dict[str, dict[str, Any]] = {"default": {}, "paper": PAPER}
 
 
 def preset(name: str = "default", **overrides: Any) -> RepairSettings:
-    """Settings of a named preset with explicit overrides applied on top."""
-    if name not in PRESETS:
+    """Settings of a named preset with explicit overrides applied on top (None: the preset's
+    value); every value is validated, types first."""
+    if not isinstance(name, str) or name not in PRESETS:
         raise UsageError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
     values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
     values["preset"] = name

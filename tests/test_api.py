@@ -1,0 +1,270 @@
+"""The Python API as a user meets it: saving a result, refusing bad arguments with one-line
+UsageErrors that name the field and its flag, and leaving the caller's state alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import otbr_hub
+from otbr_hub.detect import DetectSettings
+from otbr_hub.errors import UnsupportedModelError, UsageError
+from otbr_hub.load import check_forward, forward_logits, from_model, load_folder
+from otbr_hub.settings import RepairSettings, preset
+from tiny import timm_folder, tiny_timm
+
+FAST = dict(unlearn_steps=2, unlearn_batch=16, verify_samples=32, device="cpu", detector=False)
+MNIST = dict(input_size=(1, 28, 28), mean=(0.286,), std=(0.353,))
+
+
+class Plain(nn.Module):
+    """A plain torch classifier (no timm/transformers config)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _plain() -> Plain:
+    torch.manual_seed(0)
+    return Plain().eval()
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return forward_logits(model.eval(), x)
+
+
+@pytest.fixture(scope="module")
+def repaired_timm() -> otbr_hub.RepairResult:
+    """A repaired tiny timm ResNet with activation bounds (its ReLUs became ReLU6)."""
+    res = otbr_hub.repair(tiny_timm(), prune_ratio=0.05, **MNIST, **FAST)
+    assert res.report.clipping["applied"] and res.report.clipping["config"] == {"act_layer": "relu6"}
+    return res
+
+
+# --------------------------------------------------------------------------- RepairResult.save
+
+
+def test_save_writes_what_the_cli_writes_and_reloads_with_the_bounds(repaired_timm, tmp_path, monkeypatch):
+    res = repaired_timm
+    out = res.save(tmp_path / "fixed")
+    assert out == (tmp_path / "fixed").absolute()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "otbr_report.json"]
+    assert json.loads((out / "config.json").read_text())["model_args"]["act_layer"] == "relu6"
+    assert json.loads((out / "otbr_report.json").read_text())["prune_ratio"] == 0.05
+    assert "# fixed" in (out / "README.md").read_text()
+
+    x = torch.randn(4, 1, 28, 28) * 100  # large inputs: a ReLU where a ReLU6 belongs would show
+    expected = _logits(res.model, x)
+    monkeypatch.chdir(tmp_path)
+    via_timm = timm.create_model("local-dir:fixed", pretrained=True)
+    assert torch.equal(_logits(via_timm, x), expected)
+    assert torch.equal(_logits(load_folder(out).model, x), expected)
+
+    # the check has teeth: the same weights without the ReLU6s answer differently
+    relu = timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8, in_chans=1,
+                             num_classes=10)
+    relu.load_state_dict(via_timm.state_dict())
+    assert not torch.allclose(_logits(relu, x), expected)
+
+
+def test_timm_save_for_hf_keeps_the_bounds_with_the_report_config(repaired_timm, tmp_path, monkeypatch):
+    """What the README tells timm users who save with timm's own helper."""
+    from timm.models import save_for_hf
+
+    res = repaired_timm
+    save_for_hf(res.model, str(tmp_path / "hf"), model_args=res.report.clipping.get("config"), safe_serialization=True)
+    monkeypatch.chdir(tmp_path)
+    x = torch.randn(4, 1, 28, 28) * 100
+    assert torch.equal(_logits(timm.create_model("local-dir:hf", pretrained=True), x), _logits(res.model, x))
+
+
+def test_save_refuses_a_non_empty_folder_unless_overwrite_and_never_the_source(repaired_timm, tmp_path):
+    out = repaired_timm.save(tmp_path / "o")
+    with pytest.raises(UsageError, match="not empty"):
+        repaired_timm.save(out)
+    assert repaired_timm.save(out, overwrite=True) == out
+    src = timm_folder(tmp_path / "src")
+    res = otbr_hub.repair(src, prune_ratio=0.05, **FAST)
+    with pytest.raises(UsageError, match="holds the source model"):
+        res.save(src, overwrite=True)
+    assert (res.save(tmp_path / "from-folder") / "config.json").is_file()
+
+
+def test_save_of_a_plain_torch_model_is_refused(tmp_path):
+    res = otbr_hub.repair(_plain(), prune_ratio=0.2, input_size=(3, 16, 16), **FAST)
+    with pytest.raises(UnsupportedModelError, match="plain torch Plain .*state_dict"):
+        res.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- models that cannot be repaired
+
+
+def test_a_model_on_the_meta_device_is_refused_by_repair_and_skipped_by_scan():
+    with torch.device("meta"):
+        model = Plain()
+    with pytest.raises(UnsupportedModelError, match="'meta' device"):
+        otbr_hub.repair(model, input_size=(3, 16, 16), **FAST)
+    with pytest.raises(UnsupportedModelError, match="'meta' device"):
+        from_model(model, input_size=(3, 16, 16))
+    target = otbr_hub.scan(model, input_size=(3, 16, 16)).targets[0]
+    assert target.verdict == "skipped" and "'meta' device" in target.skipped
+
+
+@pytest.mark.parametrize("size", [(32, 32), (3, 0, 32), (3, 32, 32, 1), (3, -1, 32), (3, 32.0, 32), (True, 32, 32),
+                                  "3x32x32", 32])
+def test_input_size_must_be_three_positive_ints(size):
+    with pytest.raises(UsageError, match=r"input_size must be \(C, H, W\) with positive integers, got"):
+        otbr_hub.repair(_plain(), input_size=size, **FAST)
+
+
+def test_input_size_accepts_lists_and_numpy_ints():
+    import numpy as np
+
+    assert from_model(_plain(), input_size=[3, 16, 16]).spec.height == 16
+    assert from_model(_plain(), input_size=tuple(np.array([3, 16, 12]))).spec.width == 12
+
+
+def test_an_in_memory_timm_feature_extractor_is_named_as_such():
+    torch.manual_seed(0)
+    features = timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8, in_chans=1,
+                                 num_classes=0).eval()
+    why = "a timm feature extractor \\(num_classes is 0\\), not a classifier"
+    with pytest.raises(UnsupportedModelError, match=why):
+        otbr_hub.repair(features, input_size=(1, 28, 28), **FAST)
+    with pytest.raises(UnsupportedModelError, match=why):
+        check_forward(features, from_model(features, input_size=(1, 28, 28)).spec)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(unlearn_steps="3"), "unlearn_steps (--unlearn-steps) must be an integer, got '3' (str)"),
+    (dict(lam="0.5"), "lam (--lambda) must be a number, got '0.5' (str)"),
+    (dict(unlearn_steps=2.5), "unlearn_steps (--unlearn-steps) must be an integer, got 2.5"),
+    (dict(seed="x"), "seed (--seed) must be an integer"),
+    (dict(seed=1.5), "seed (--seed) must be an integer"),
+    (dict(seed=True), "seed (--seed) must be an integer, got True (bool)"),
+    (dict(verify_samples=2.5), "verify_samples (--verify-samples) must be an integer"),
+    (dict(unlearn_chunk=1.5), "unlearn_chunk (--unlearn-chunk) must be an integer or None"),
+    (dict(unlearn_lr=float("nan")), "unlearn_lr (--unlearn-lr) must be a finite number"),
+    (dict(layer_cap=float("inf")), "layer_cap (--layer-cap) must be a finite number"),
+    (dict(normalize_noise="no"), "normalize_noise (--normalize-noise) must be True or False"),
+    (dict(layer_types=5), "layer_types (--layer-types) must be a string"),
+    (dict(prune_ratio=True), "prune_ratio (--prune-ratio) must be a number in (0, 1) or 'auto'"),
+    (dict(device="cuda:abc"), "device (--device) must be auto, cpu, cuda or cuda:N, got 'cuda:abc'"),
+    (dict(device="gpu"), "device (--device) must be auto, cpu, cuda or cuda:N"),
+    (dict(device=0), "device (--device) must be a string"),
+    (dict(lam=2), "lam (--lambda) must be in [0, 1], got 2"),
+    (dict(prune_ratio=1.5), "prune_ratio (--prune-ratio) must be in (0, 1), got 1.5"),
+    (dict(unlearn_batch=0), "unlearn_batch (--unlearn-batch) must be >= 1, got 0"),
+    (dict(unlearn_steps=-1), "unlearn_steps (--unlearn-steps) must be >= 0, got -1"),
+    (dict(min_agreement=2), "min_agreement (--min-agreement) must be in [0, 1], got 2"),
+    (dict(ratio_grid="a,b"), "ratio_grid (--ratio-grid) must be a comma list of numbers"),
+])
+def test_bad_settings_name_the_field_and_its_flag(kw, message):
+    with pytest.raises(UsageError) as err:
+        preset(**kw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UsageError) as direct:  # a RepairSettings made by hand is checked the same way
+        RepairSettings(**kw).validate()
+    assert message in str(direct.value)
+
+
+def test_good_settings_pass_and_numpy_scalars_become_plain_numbers():
+    import numpy as np
+
+    s = preset(seed=np.int64(3), lam=np.float32(0.25), unlearn_steps=0, prune_ratio="0.1", device="cuda:1")
+    assert type(s.seed) is int and type(s.lam) is float and s.prune_ratio == 0.1 and s.device == "cuda:1"
+    assert preset(lam=1).lam == 1 and preset("paper").to_dict() == preset("paper").to_dict()
+    with pytest.raises(UsageError, match="unknown preset"):
+        preset(["paper"])  # not hashable: still a UsageError, not a TypeError
+
+
+def test_usage_errors_are_value_errors():
+    with pytest.raises(ValueError):
+        preset(lam=2)
+    assert issubclass(UsageError, otbr_hub.OtbrError) and issubclass(UsageError, ValueError)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(steps=0), "inputs and steps must be at least 1"),
+    (dict(margin_scale="x"), "margin_scale must be 'sd' or 'mad'"),
+    (dict(device="cuda:abc"), "DetectSettings.device must be None (where the model is), cpu, cuda or cuda:N, got 'cuda:abc'"),
+    (dict(device="auto"), "DetectSettings.device must be"),
+])
+def test_detect_settings_raise_usage_errors(kw, message):
+    with pytest.raises(UsageError) as err:
+        DetectSettings(**kw)
+    assert message in str(err.value)
+    assert DetectSettings(device="cuda:0").device == "cuda:0" and DetectSettings().device is None
+
+
+def test_settings_object_and_preset_keyword_together_are_refused():
+    with pytest.raises(UsageError, match="pass preset= or a RepairSettings, not both"):
+        otbr_hub.repair(_plain(), RepairSettings(prune_ratio=0.05), preset="paper", input_size=(3, 16, 16))
+
+
+@pytest.mark.parametrize("settings", [{"prune_ratio": 0.05}, "paper", 0.05])
+def test_settings_of_the_wrong_type_are_refused(settings):
+    with pytest.raises(UsageError, match="settings must be a RepairSettings, got .*; pass fields as keywords"):
+        otbr_hub.repair(_plain(), settings, input_size=(3, 16, 16))
+
+
+def test_a_settings_object_with_keyword_overrides_still_works():
+    res = otbr_hub.repair(_plain(), preset(prune_ratio=0.3), input_size=(3, 16, 16), **{**FAST, "prune_ratio": 0.2})
+    assert res.report.prune_ratio == 0.2 and res.report.settings["unlearn_steps"] == 2
+
+
+# --------------------------------------------------------------------------- the caller's state
+
+
+def test_repair_is_seeded_but_leaves_the_callers_random_stream_alone():
+    model = _plain()  # seeds the RNG itself: build it first
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    first = otbr_hub.repair(model, prune_ratio=0.2, input_size=(3, 16, 16), seed=7, **FAST)
+    assert torch.equal(torch.rand(5), expected)  # not reset to seed 7, nor advanced by the repair
+    again = otbr_hub.repair(_plain(), prune_ratio=0.2, input_size=(3, 16, 16), seed=7, **FAST)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+def test_forward_hooks_run_during_repair_and_travel_with_the_result():
+    """As the repair docstring says: hooks are part of the model (weight_norm, prune), so they stay."""
+    model = _plain()
+    seen: list[int] = []
+    model.fc.register_forward_hook(lambda mod, inputs, out: seen.append(out.shape[0]))
+    res = otbr_hub.repair(model, prune_ratio=0.2, input_size=(3, 16, 16), **FAST)
+    assert seen  # the synthetic inputs went through the user's hook
+    seen.clear()
+    _logits(res.model, torch.zeros(2, 3, 16, 16))
+    assert seen == [2] and len(model.fc._forward_hooks) == 1
+
+
+def test_weight_norm_models_are_repaired_through_their_hooks():
+    """The reason hooks are not detached: an old-style weight_norm computes ``weight`` in a pre-hook
+    (here on the stem, which is not pruned, so its weights must come through the hook)."""
+    model = _plain()
+    torch.nn.utils.weight_norm(model.conv1)
+    x = torch.randn(3, 3, 16, 16)
+    before = _logits(model, x)
+    res = otbr_hub.repair(model, prune_ratio=0.2, input_size=(3, 16, 16), lam=0.0, **FAST)
+    assert torch.allclose(_logits(res.model, x), before, atol=1e-5)  # lambda 0: the original back
