@@ -241,8 +241,10 @@ def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: st
         msg = (f"network failure while downloading {filename} from {repo_id} ({kind}{tries}); "
                "check the connection and run again (files already downloaded stay in the cache)")
     elif _is_network(err):
+        listing = repo_id.startswith("the model list")  # a query has no cached answer to fall back on
         msg = (f"cannot reach the Hub at {ctx.base_url} ({type(next(e for e in kinds if _is_network(e))).__name__}); "
-               "check the connection, or set HF_HUB_OFFLINE=1 to use cached models")
+               + ("check the connection (listing models needs the Hub; HF_HUB_OFFLINE cannot help)" if listing
+                  else "check the connection, or set HF_HUB_OFFLINE=1 to use cached models"))
     elif status is not None:
         msg = f"Hub request for {repo_id} failed with HTTP {status}: {server}"
     else:

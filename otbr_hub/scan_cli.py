@@ -260,7 +260,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     processes and the main process alone writes the combined report."""
     from .distribute import team
     from .placement import check_device_name
-    from .report import ScanReport, exit_code, to_console, to_markdown, write_report
+    from .report import ScanReport, TargetReport, exit_code, to_console, to_markdown, write_report
     from .scan import expand_targets, report_settings
 
     targets = list(args.targets)
@@ -282,21 +282,32 @@ def cmd_scan(args: argparse.Namespace) -> int:
     limit = args.limit or None
 
     # The target list is made once (a Hub query could change between two calls) and shared.
+    # A failed Hub query is recorded as an error of its own, and the explicit targets are
+    # still scanned: one unreachable listing must not leave a CI job without any report.
     def expand() -> tuple[list[str] | None, str | None]:
         try:
             found = expand_targets(targets, author=args.author, search=args.search, filters=args.filters, limit=limit,
                                    token=token, endpoint=args.endpoint)
         except OtbrError as err:
-            return None, str(err)
+            if not query:
+                return None, str(err)
+            try:
+                return expand_targets(targets), str(err)
+            except OtbrError as err2:
+                return None, str(err2)
         return found, None
 
     concrete, problem = procs.broadcast(expand() if procs.is_main else None)
-    if problem is not None:
-        raise HubError(problem)
+    if concrete is None:
+        raise HubError(problem or "cannot list the targets")
+    if problem is not None and procs.is_main:
+        print(f"otbr-hub: error: the Hub query failed, scanning the other targets: {problem}", file=sys.stderr)
     mine = procs.share(concrete)
     log.info("process %d of %d: %d of %d targets", procs.index + 1, procs.size, len(mine), len(concrete))
     results = [(i, _scan_one(target, i, len(concrete), args, settings, token, procs.distributed)) for i, target in mine]
     reports = procs.gather(results, len(concrete))
+    if problem is not None:
+        reports.append(TargetReport(target=_query_label(args), source="hub", verdict="error", error=problem))
 
     code_query = {"author": args.author, "search": args.search, "filters": args.filters, "limit": limit} if query else None
     report = ScanReport(targets=reports, settings=report_settings(settings, code_query))
@@ -310,6 +321,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if args.format != "markdown":
             _append_step_summary(to_markdown(report))
     return exit_code(report, args.fail_on)
+
+
+def _query_label(args: argparse.Namespace) -> str:
+    """How a Hub query appears as a target of its own in the report (when it failed)."""
+    parts = [f"author={args.author}" if args.author else "", f"search={args.search}" if args.search else "",
+             *(f"filter={f}" for f in args.filters or ())]
+    return "hub query " + " ".join(p for p in parts if p)
 
 
 def _scan_one(target: str, index: int, count: int, args: argparse.Namespace, settings: Any, token: str | None,

@@ -804,3 +804,38 @@ def test_lone_weight_file_reads_as_not_tested_in_the_cli(folders, capsys) -> Non
     assert "weight file only" in err  # the progress line says it too
     code, out, _ = run(["scan", str(folders["clean"] / "model.safetensors"), "--format", "json", "-q"], capsys)
     assert "backdoor statistic was not run" in validate(out)["targets"][0]["note"]
+
+
+def test_a_failed_hub_query_is_an_error_entry_and_the_other_targets_are_still_scanned(folders, tmp_path, capsys,
+                                                                                        monkeypatch) -> None:
+    """A Hub that refuses every request (HTTP 400): the listing fails, the local folder is
+    still scanned, the report is written with the query as an error target, exit code 2."""
+    import http.server
+    import threading
+
+    from otbr_hub import fetch
+
+    class Down(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(fetch, "RETRY_DELAYS", ())  # otbr-hub's own retries; the client is untouched
+    report_path = tmp_path / "scan.json"
+    try:
+        code, _, err = run(["scan", str(folders["text"]), "--author", "alice", "--endpoint",
+                            f"http://127.0.0.1:{server.server_port}", "--format", "json", "-o", str(report_path),
+                            "-q", *FAST_FLAGS], capsys)
+    finally:
+        server.shutdown()
+    assert code == 2, err
+    assert "the Hub query failed, scanning the other targets" in err
+    targets = validate(report_path.read_text())["targets"]
+    assert [t["verdict"] for t in targets] == ["skipped", "error"]
+    assert targets[1]["target"] == "hub query author=alice" and "400" in targets[1]["error"]
