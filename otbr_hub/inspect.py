@@ -189,7 +189,9 @@ def is_weight_file(path: str | Path) -> bool:
 
 
 def inspect_folder(path: str | Path, *, compute_sha256: bool = True) -> list[FileReport]:
-    """Inspect every weight file below ``path`` (hidden folders such as ``.git`` are skipped).
+    """Inspect every weight file below ``path``, hidden folders included (only ``.git`` is
+    skipped): files with a weight name, and files under any other name whose content is a
+    pickle or a PyTorch zip checkpoint, since ``torch.load`` does not care about the name.
 
     Paths in the reports are POSIX paths relative to ``path`` so reports stay portable and
     can be used as SARIF artifact locations.
@@ -197,13 +199,30 @@ def inspect_folder(path: str | Path, *, compute_sha256: bool = True) -> list[Fil
     root = Path(path)
     reports: list[FileReport] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d != ".git")
         for name in sorted(filenames):
             full = Path(dirpath) / name
-            if is_weight_file(name) and full.is_file():
+            if (is_weight_file(name) or _pickle_content(full)) and full.is_file():
                 rel = full.relative_to(root).as_posix()
                 reports.append(inspect_file(full, compute_sha256=compute_sha256, display_path=rel))
     return reports
+
+
+def _pickle_content(path: Path) -> bool:
+    """A file whose bytes are a pickle, or a zip archive holding one (PyTorch's format)."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as fh:
+            kind = _sniff(fh.read(16))
+        if kind == "pickle":
+            return True
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                return any(n.endswith(".pkl") for n in archive.namelist())
+    except (OSError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile):
+        return False
+    return False
 
 
 def inspect_file(

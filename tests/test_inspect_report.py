@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -210,6 +211,27 @@ def test_folder_walk_and_shard_index(tmp_path: Path) -> None:
     assert idx.format == "shard-index"
     assert {"shard-index-path-escape", "shard-index-missing-shard"} <= _codes(idx)
     assert not idx.safe
+
+
+def test_folder_walk_finds_pickles_under_any_name_and_in_hidden_folders(tmp_path: Path) -> None:
+    """torch.load reads a pickle whatever it is called, so content decides, not only the name;
+    hidden folders are walked too (only .git is not)."""
+    marker = tmp_path / "marker.txt"
+    model = tmp_path / "model"
+    (model / ".cache").mkdir(parents=True)
+    (model / ".cache" / "x.bin").write_bytes(pickle.dumps(_RunsShell(marker)))
+    (model / "weights.dat").write_bytes(pickle.dumps(_WritesMarker(marker)))
+    torch.save({"w": torch.ones(2)}, model / "checkpoint.data")  # a zip holding data.pkl
+    (model / "notes.txt").write_text("plain text")
+    with zipfile.ZipFile(model / "images.zip", "w") as archive:
+        archive.writestr("a.png", b"not a pickle")
+
+    reports = {r.path: r for r in inspect_folder(model)}
+
+    assert set(reports) == {".cache/x.bin", "weights.dat", "checkpoint.data"}
+    assert "pickle-unsafe-import" in _codes(reports[".cache/x.bin"]) and "pickle-unsafe-import" in _codes(reports["weights.dat"])
+    assert reports["checkpoint.data"].format == "torch-zip" and reports["checkpoint.data"].safe
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- reports
