@@ -162,6 +162,18 @@ def _publish_check(check: dict[str, Any] | None) -> dict[str, str] | None:
     return {"agreement": _num(check.get("agreement_with_source")), "samples": _num(check.get("samples"), "{}")}
 
 
+def _trigger_text(trigger: Any) -> str:
+    """The trigger as the spec string ``--trigger`` takes (``badnets:target=3,size=3``)."""
+    if trigger is None:
+        return "-"
+    try:
+        from .triggers import parse_trigger
+
+        return parse_trigger(trigger).spec()
+    except Exception:  # an older or foreign report: show what it holds
+        return json.dumps(trigger, sort_keys=True)
+
+
 def _template_values(report: dict[str, Any], *, repo_id: str | None, source_readme: str | None,
                      base_url: str = DEFAULT_BASE_URL) -> dict[str, Any]:
     """Everything the template shows, formatted here so the template stays readable."""
@@ -214,11 +226,12 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
         "publish_check": _publish_check(report.get("publish_verification")),
         "scans": _scan_rows(report),
         "evaluation": None if not ev else {
-            "dataset": (ev.get("dataset") or "evaluation set") + (f", {ev['split']} split" if ev.get("split") else ""),
-            "trigger": json.dumps(ev.get("trigger"), sort_keys=True) if ev.get("trigger") is not None else "-",
+            "dataset": ev.get("dataset") or "evaluation set",
+            "split": ev.get("split"),
+            "trigger": _trigger_text(ev.get("trigger")),
             "before": {k: _num((ev.get("before") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},
             "after": {k: _num((ev.get("after") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},
-            "der": _num(ev.get("der")),
+            "der": _num(ev.get("der"), "{:.1f}"),
         },
         "input": report.get("input") or {},
         "source_dtype": report.get("source_dtype"),
