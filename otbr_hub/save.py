@@ -98,6 +98,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
     if source.library == "transformers" and source.folder is None:
         # an in-memory model: record the input it was repaired for (its config may not say)
         _write_processor_config(folder / "preprocessor_config.json", source.spec)
+        _record_image_size(model, source.spec, folder / "config.json")
     if source.folder is not None:
         for name in _CARRY:
             if (source.folder / name).is_file() and not (folder / name).exists():
@@ -107,6 +108,47 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         mode = "wb" if isinstance(data, bytes) else "w"
         with open(folder / name, mode) as fh:
             fh.write(data)
+
+
+def _record_image_size(model: nn.Module, spec: Any, config_path: Path) -> None:
+    """Make the saved ``config.json`` say the input size the model was repaired at.
+
+    The loader reads a transformers model's size from ``config.image_size`` first; a model
+    built with a nominal ``image_size`` (SwiftFormer, TextNet: convolutional, any size works)
+    and repaired at another one would otherwise come back at the config's size. The entry is
+    changed only when a model built from the changed config has the same parameters and gives
+    the same logits, i.e. when ``image_size`` is a label and not a shape (a ViT's is a shape)."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None)
+    if cfg is None or size is None:
+        return
+    from .load import _size_pair
+
+    if _size_pair(size) == (spec.height, spec.width):
+        return
+    import copy
+
+    changed = copy.deepcopy(cfg)
+    changed.image_size = spec.height if spec.height == spec.width else [spec.height, spec.width]
+    try:
+        with torch.device("meta"):
+            probe = type(model)(changed)
+        ours = model.state_dict()
+        if {k: v.shape for k, v in probe.state_dict().items()} != {k: v.shape for k, v in ours.items()}:
+            return
+        rebuilt = type(model)(changed).to(next(model.parameters()).dtype)
+        rebuilt.load_state_dict(ours)
+        x = torch.rand(2, spec.channels, spec.height, spec.width, dtype=next(model.parameters()).dtype)
+        from .load import eval_mode
+
+        with torch.no_grad(), eval_mode(model):
+            same = torch.allclose(rebuilt.eval()(pixel_values=x).logits, model(pixel_values=x).logits, atol=1e-5, rtol=1e-4)
+    except Exception:  # any doubt: keep the config as the source had it
+        return
+    if same:
+        data = json.loads(config_path.read_text())
+        data["image_size"] = changed.image_size
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _write_processor_config(path: Path, spec: Any) -> None:

@@ -105,6 +105,30 @@ def test_save_refuses_a_non_empty_folder_unless_overwrite_and_never_the_source(r
     assert (res.save(tmp_path / "from-folder") / "config.json").is_file()
 
 
+def test_a_transformers_model_repaired_at_another_size_reloads_at_that_size(tmp_path):
+    """SwiftFormer's config says image_size 224 but any size runs: repaired at 32 px, the saved
+    config must say 32 so the folder reloads (and is scanned) at the size it was repaired at;
+    a ViT's image_size is a shape, so it is left alone there."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.SwiftFormerForImageClassification(transformers.SwiftFormerConfig(
+        num_labels=5, depths=[1, 1, 1, 1], embed_dims=[8, 16, 32, 48])).eval()
+    assert model.config.image_size == 224
+    res = otbr_hub.repair(model, prune_ratio=0.05, input_size=(3, 32, 32), **FAST)
+    back = load_folder(res.save(tmp_path / "swift"))
+    assert (back.spec.height, back.spec.width) == (32, 32)
+    assert model.config.image_size == 224  # the caller's model keeps its config
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(_logits(back.model, x), _logits(res.model, x), atol=1e-5)
+
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=5)).eval()
+    saved = otbr_hub.repair(vit, prune_ratio=0.05, **FAST).save(tmp_path / "vit")
+    assert json.loads((saved / "config.json").read_text())["image_size"] == 32
+
+
 def test_save_of_a_plain_torch_model_is_refused(tmp_path):
     res = otbr_hub.repair(_plain(), prune_ratio=0.2, input_size=(3, 16, 16), **FAST)
     with pytest.raises(UnsupportedModelError, match="plain torch Plain .*state_dict"):
