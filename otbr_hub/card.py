@@ -19,7 +19,14 @@ import yaml
 
 from . import __version__
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
+def _cards_dir() -> Path:
+    """The templates: ``cards/`` at the top of the repository, which an installed wheel
+    carries as ``otbr_hub/cards`` (see pyproject.toml)."""
+    installed = Path(__file__).resolve().parent / "cards"
+    return installed if (installed / "repaired_model.md").is_file() else Path(__file__).resolve().parent.parent / "cards"
+
+
+CARDS_DIR = _cards_dir()
 MODEL_TEMPLATE = CARDS_DIR / "repaired_model.md"
 PR_TEMPLATE = CARDS_DIR / "pull_request.md"
 DEFAULT_BASE_URL = "https://huggingface.co"
