@@ -451,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verbose:  # otbr-hub's own details; libraries' info logs would bury them (and name temp folders)
         logging.getLogger("otbr_hub").setLevel(logging.INFO)
     if not verbose:
-        _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
+        _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty(),
+                         quiet=getattr(args, "quiet", False))
     try:
         if args.command == "repair":
             return cmd_repair(args)
@@ -479,10 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _quiet_libraries(progress: bool) -> None:
+def _quiet_libraries(progress: bool, quiet: bool = False) -> None:
     """Keep library chatter (warnings, info logs) out of the user's terminal; download bars
     only when a person is watching. transformers' own bars (loading, writing shards) would
-    only interleave with otbr-hub's per-stage display, so they stay off."""
+    only interleave with otbr-hub's per-stage display, so they stay off. With ``--quiet``
+    huggingface_hub's "Retrying in N s" warnings go too: the final error says what failed."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -495,6 +497,10 @@ def _quiet_libraries(progress: bool) -> None:
     tlog.disable_progress_bar()
     if not progress:
         disable_progress_bars()
+    hub_log = logging.getLogger("huggingface_hub")  # set after the import above, which sets its level
+    hub_log.propagate = False  # it has a handler of its own: without this each line comes twice
+    if quiet:
+        hub_log.setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover

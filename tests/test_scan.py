@@ -839,3 +839,34 @@ def test_a_failed_hub_query_is_an_error_entry_and_the_other_targets_are_still_sc
     targets = validate(report_path.read_text())["targets"]
     assert [t["verdict"] for t in targets] == ["skipped", "error"]
     assert targets[1]["target"] == "hub query author=alice" and "400" in targets[1]["error"]
+
+
+def test_quiet_hides_the_hub_clients_retry_lines(folders, tmp_path, capfd, monkeypatch) -> None:
+    """huggingface_hub logs "Retrying in N s" for a Hub answering 503; with -q only otbr-hub's
+    own one-line error may reach stderr."""
+    import http.server
+    import threading
+
+    from otbr_hub import fetch
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(fetch, "RETRY_DELAYS", ())
+    try:
+        code = main(["scan", str(folders["text"]), "--author", "alice", "--endpoint", f"http://127.0.0.1:{server.server_port}",
+                     "--format", "json", "-o", str(tmp_path / "r.json"), "-q", *FAST_FLAGS])
+    finally:
+        server.shutdown()
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("otbr-hub: error:")]
+    assert "Retrying" not in err and len(err.strip().splitlines()) == 1
