@@ -266,7 +266,7 @@ _RULES: dict[str, _Rule] = {
     r.id: r
     for r in (
         _Rule("backdoor-detected", "Backdoor detected", "The data-free detector found a class that is far easier to force than the others, the signature of a planted trigger.", "high"),
-        _Rule("backdoor-suspicious", "Possible backdoor", "The detector statistic is borderline: not conclusive, but worth a closer look or a repair.", "medium"),
+        _Rule("backdoor-suspicious", "Possible backdoor", "An anomaly a backdoor leaves but that has benign explanations too (usually a shift of the classifier weights towards one class, which imbalanced clean training also causes): worth a closer look or a repair.", "medium"),
         _Rule("pickle-unsafe-import", "Pickle imports code-executing global", "Loading this file with pickle or torch.load imports a function that can run arbitrary code.", "critical"),
         _Rule("pickle-unlisted-import", "Pickle imports unexpected global", "The pickle imports a global outside the allowlist for plain weights; torch.load(weights_only=True) would refuse it.", "high"),
         _Rule("pickle-scan-failed", "Pickle could not be analysed", "The pickle scanner failed on this file, so its imports are unknown and it cannot be trusted.", "high"),

@@ -33,7 +33,7 @@ examples:
   otbr-hub scan user/model@v1.0 --format json -o r.json
   otbr-hub scan --author my-org --filter image-classification --format sarif -o scan.sarif
 
-exit codes: 0 clean, 1 findings at or above --fail-on, 2 scan error, 3 nothing scannable, 4 usage error.
+exit codes: 0 nothing at or above --fail-on, 1 findings at or above it, 2 scan error, 3 nothing scannable, 4 usage error.
 The token is read from the environment variable named by --token-env and never printed.
 """
 
