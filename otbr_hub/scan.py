@@ -482,10 +482,19 @@ def scan(
     >>> report.summary()["verdicts"]["backdoored"]
 
     Paths and repo ids are expanded with :func:`expand_targets`; models are scanned as given.
-    ``progress`` receives one line before and after each target (the CLI prints them).
+    ``settings`` is a :class:`ScanSettings`, or a :class:`DetectSettings` when only the
+    detector's budget changes. ``progress`` receives one line before and after each target
+    (the CLI prints them).
     A failing Hub query raises :class:`HubError`; a failing target never raises.
     """
+    if isinstance(settings, DetectSettings):  # the detector's settings alone: the rest default
+        settings = ScanSettings(detector=settings)
+    elif settings is not None and not isinstance(settings, ScanSettings):
+        raise UsageError(f"settings must be a ScanSettings (or DetectSettings), got {type(settings).__name__}")
     settings = settings or ScanSettings()
+    for t in targets:
+        if not isinstance(t, (nn.Module, LoadedModel, str, os.PathLike)):
+            raise UsageError(f"cannot scan an object of type {type(t).__name__}: give models, paths or repo ids")
     tags = list(filters)
     concrete: list[tuple[Target, int | None]] = []  # with an in-memory model's 1-based place among the targets
     names: list[str | os.PathLike[str]] = []

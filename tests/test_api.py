@@ -292,3 +292,15 @@ def test_weight_norm_models_are_repaired_through_their_hooks():
     before = _logits(model, x)
     res = otbr_hub.repair(model, prune_ratio=0.2, input_size=(3, 16, 16), lam=0.0, **FAST)
     assert torch.allclose(_logits(res.model, x), before, atol=1e-5)  # lambda 0: the original back
+
+
+def test_scan_takes_detect_settings_directly_and_refuses_other_types():
+    model = tiny_timm()
+    quick = DetectSettings(steps=5, inputs_per_class=2, device="cpu")
+    report = otbr_hub.scan(model, settings=quick, **MNIST)
+    assert report.targets[0].verdict in ("clean", "suspicious", "backdoored")
+    assert report.settings["detector"]["steps"] == 5
+    with pytest.raises(UsageError, match="ScanSettings"):
+        otbr_hub.scan(model, settings={"steps": 5})
+    with pytest.raises(UsageError, match="type int"):
+        otbr_hub.scan(42)
