@@ -499,8 +499,8 @@ def _quiet_libraries(progress: bool, quiet: bool = False) -> None:
         disable_progress_bars()
     hub_log = logging.getLogger("huggingface_hub")  # set after the import above, which sets its level
     hub_log.propagate = False  # it has a handler of its own: without this each line comes twice
-    if quiet:
-        hub_log.setLevel(logging.ERROR)
+    if quiet:  # the client's "Retrying in N s" lines; download notes are rerouted in otbr_hub.fetch
+        logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":  # pragma: no cover
