@@ -4,7 +4,6 @@ gives each process its own GPU; OT solves always stay on the CPU in float64."""
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
@@ -16,14 +15,12 @@ if TYPE_CHECKING:
     from .load import InputSpec
 
 
-_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-
-
 def check_device_name(name: str) -> None:
     """A one-line UsageError for a device other than auto, cpu, cuda or cuda:N, before
     torch's own error (a list of every backend it knows) can reach the user."""
-    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    from .settings import check_device
+
+    check_device(name, "--device")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
