@@ -250,12 +250,11 @@ def _check_parent_output(out: Path, names: list[str], overwrite: bool, sources: 
         raise UsageError(f"the parent folder of {out} does not exist")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
+    from .save import would_replace
+
     for name, src in zip(names, sources):
-        if Path(src).expanduser().exists():
-            resolved = Path(src).expanduser().resolve()
-            target = (out / name).resolve()
-            if target == resolved or target in resolved.parents:
-                raise UsageError(f"{out / name} would replace the source model {src}: choose another --output")
+        if would_replace(out / name, src):
+            raise UsageError(f"{out / name} would replace the source model {src}: choose another --output")
     if overwrite:
         return
     for name in [*names, SUMMARY_FILE]:

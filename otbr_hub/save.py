@@ -39,21 +39,36 @@ def check_destination(out_dir: str | Path, *, overwrite: bool = False, source: s
         raise UsageError(f"{out_dir} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out_dir} is not empty (pass --overwrite to replace it)")
-    if source is not None and Path(source).expanduser().exists():
-        src = Path(source).expanduser().resolve()
-        if out.resolve() == src or out.resolve() in src.parents:
-            raise UsageError(f"{out_dir} holds the source model {source}: write the repaired model somewhere else")
+    if source is not None and would_replace(out, source):
+        raise UsageError(f"{out_dir} holds the source model {source}: write the repaired model somewhere else")
     check_writable(out.parent)
     return out
 
 
-def check_writable(folder: Path) -> None:
-    """A one-line UsageError if nothing can be created in ``folder`` (read-only, /sys, ...)."""
+def would_replace(out: str | Path, source: str | Path) -> bool:
+    """Whether writing the folder ``out`` would replace the local ``source`` or a folder holding it."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        return False
+    src, target = src.resolve(), Path(out).expanduser().resolve()
+    return target == src or target in src.parents
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (read-only, /sys, ...), or None: probed by
+    making and removing an empty folder there."""
     try:
-        probe = tempfile.mkdtemp(prefix=".otbr-write-check-", dir=folder)
-        os.rmdir(probe)
+        os.rmdir(tempfile.mkdtemp(prefix=".otbr-write-check-", dir=folder))
     except OSError as err:
-        raise UsageError(f"cannot write to {folder}: {err.strerror or err}") from None
+        return err.strerror or str(err)
+    return None
+
+
+def check_writable(folder: Path) -> None:
+    """A one-line UsageError if nothing can be created in ``folder``."""
+    why = write_problem(folder)
+    if why is not None:
+        raise UsageError(f"cannot write to {folder}: {why}")
 
 
 def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

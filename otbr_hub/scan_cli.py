@@ -190,18 +190,16 @@ def _check_report_path(output: str, targets: Sequence[str] = (), from_file: str 
 def _check_creatable(output: str, parent: Path, target: Path) -> None:
     """Probe ``parent``, the deepest folder that exists, the way writing will use it: a file
     goes in directly, otherwise the first missing subfolder is made there."""
-    import tempfile
+    from .save import write_problem
 
-    try:
-        probe = tempfile.mkdtemp(prefix=".otbr-write-check-", dir=parent)
-        os.rmdir(probe)
-    except OSError as err:
-        why = err.strerror or str(err)
-        if target.parent == parent:
-            raise UsageError(f"--output {output}: cannot create a file in {parent}: {why}") from None
-        first_missing = parent / target.relative_to(parent).parts[0]
-        raise UsageError(f"--output {output}: cannot create the folder {first_missing} ({parent} is the deepest "
-                         f"existing folder, and nothing can be created in it: {why})") from None
+    why = write_problem(parent)
+    if why is None:
+        return
+    if target.parent == parent:
+        raise UsageError(f"--output {output}: cannot create a file in {parent}: {why}")
+    first_missing = parent / target.relative_to(parent).parts[0]
+    raise UsageError(f"--output {output}: cannot create the folder {first_missing} ({parent} is the deepest "
+                     f"existing folder, and nothing can be created in it: {why})")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -230,10 +228,9 @@ def _check_not_scanned(output: str, target: Path, targets: Sequence[str], from_f
 def _earlier_report(path: Path) -> bool:
     """A report an earlier scan wrote (its text names otbr-hub near the top, and it is not a
     file a model loads), which a rerun may replace: ``scan models/ -o models/scan.json`` twice."""
-    from .inspect import INDEX_SUFFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
+    from .inspect import is_weight_file
 
-    name = path.name.lower()
-    if path.suffix.lower() in PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX} or name.endswith(("config.json", INDEX_SUFFIX)):
+    if is_weight_file(path) or path.name.lower().endswith("config.json"):
         return False
     try:
         with open(path, "rb") as fh:

@@ -11,6 +11,7 @@ weight: the planted trigger.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -806,34 +808,41 @@ def test_lone_weight_file_reads_as_not_tested_in_the_cli(folders, capsys) -> Non
     assert "backdoor statistic was not run" in validate(out)["targets"][0]["note"]
 
 
-def test_a_failed_hub_query_is_an_error_entry_and_the_other_targets_are_still_scanned(folders, tmp_path, capsys,
-                                                                                        monkeypatch) -> None:
-    """A Hub that refuses every request (HTTP 400): the listing fails, the local folder is
-    still scanned, the report is written with the query as an error target, exit code 2."""
+@contextlib.contextmanager
+def _hub_answering(status: int) -> Iterator[str]:
+    """A real HTTP server on loopback that answers every GET with ``status`` and no body, for
+    Hub failures the loopback Hub server does not stage; yields its endpoint."""
     import http.server
     import threading
 
-    from otbr_hub import fetch
-
-    class Down(http.server.BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            self.send_response(400)
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(fetch, "RETRY_DELAYS", ())  # otbr-hub's own retries; the client is untouched
-    report_path = tmp_path / "scan.json"
     try:
-        code, _, err = run(["scan", str(folders["text"]), "--author", "alice", "--endpoint",
-                            f"http://127.0.0.1:{server.server_port}", "--format", "json", "-o", str(report_path),
-                            "-q", *FAST_FLAGS], capsys)
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+def test_a_failed_hub_query_is_an_error_entry_and_the_other_targets_are_still_scanned(folders, tmp_path, capsys,
+                                                                                        monkeypatch) -> None:
+    """A Hub that refuses every request (HTTP 400): the listing fails, the local folder is
+    still scanned, the report is written with the query as an error target, exit code 2."""
+    from otbr_hub import fetch
+
+    monkeypatch.setattr(fetch, "RETRY_DELAYS", ())  # otbr-hub's own retries; the client is untouched
+    report_path = tmp_path / "scan.json"
+    with _hub_answering(400) as endpoint:
+        code, _, err = run(["scan", str(folders["text"]), "--author", "alice", "--endpoint", endpoint,
+                            "--format", "json", "-o", str(report_path), "-q", *FAST_FLAGS], capsys)
     assert code == 2, err
     assert "the Hub query failed, scanning the other targets" in err
     targets = validate(report_path.read_text())["targets"]
@@ -844,28 +853,12 @@ def test_a_failed_hub_query_is_an_error_entry_and_the_other_targets_are_still_sc
 def test_quiet_hides_the_hub_clients_retry_lines(folders, tmp_path, capfd, monkeypatch) -> None:
     """huggingface_hub logs "Retrying in N s" for a Hub answering 503; with -q only otbr-hub's
     own one-line error may reach stderr."""
-    import http.server
-    import threading
-
     from otbr_hub import fetch
 
-    class Busy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(fetch, "RETRY_DELAYS", ())
-    try:
-        code = main(["scan", str(folders["text"]), "--author", "alice", "--endpoint", f"http://127.0.0.1:{server.server_port}",
+    with _hub_answering(503) as endpoint:
+        code = main(["scan", str(folders["text"]), "--author", "alice", "--endpoint", endpoint,
                      "--format", "json", "-o", str(tmp_path / "r.json"), "-q", *FAST_FLAGS])
-    finally:
-        server.shutdown()
     err = capfd.readouterr().err
     assert code == 2
     assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("otbr-hub: error:")]
