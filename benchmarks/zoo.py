@@ -37,7 +37,10 @@ The standard zoo (``--all``): on each of resnet, convnext and vit,
 all at the per-architecture default epochs and poison rate 0.1 unless said otherwise.
 ``--arch resnet18`` is the stock timm resnet18 (11 M parameters), outside the standard zoo:
 a hold-out architecture (``benchmarks/experiments/2026-12-01-resnet18/``), about 90 s an
-epoch with 2 threads on a quiet 2-core machine.
+epoch with 2 threads on a quiet 2-core machine. ``--arch efficientnet_b0`` and ``--arch
+mobilenetv3`` (timm ``mobilenetv3_small_100``) are stock timm models of two more families
+(depthwise convolutions, squeeze-excitation, SiLU / hard-swish), hold-outs of session 8
+(``benchmarks/experiments/2026-12-01-mobile/``): about 3.3 and 1 minutes an epoch.
 
 Measured (full 60k training set, default epochs, 1 torch thread on a shared 2-core machine,
 so times are pessimistic; clean ACC / ASR on the 10k test split):
@@ -195,6 +198,17 @@ RECIPES: dict[str, Recipe] = {
     "resnet18": Recipe(
         _timm_builder("resnet18", RESNET18_ARGS), _timm_saver("resnet18", RESNET18_ARGS), epochs=4, lr=2e-3,
         info={"library": "timm", "architecture": "resnet18", "model_args": RESNET18_ARGS},
+    ),
+    # Stock timm models of two more families (depthwise separable convolutions, squeeze-
+    # excitation, SiLU / hard-swish): hold-outs, nothing was tuned on them either.
+    "efficientnet_b0": Recipe(
+        _timm_builder("efficientnet_b0", RESNET18_ARGS), _timm_saver("efficientnet_b0", RESNET18_ARGS), epochs=3, lr=2e-3,
+        info={"library": "timm", "architecture": "efficientnet_b0", "model_args": RESNET18_ARGS},
+    ),
+    "mobilenetv3": Recipe(
+        _timm_builder("mobilenetv3_small_100", RESNET18_ARGS), _timm_saver("mobilenetv3_small_100", RESNET18_ARGS),
+        epochs=4, lr=2e-3,
+        info={"library": "timm", "architecture": "mobilenetv3_small_100", "model_args": RESNET18_ARGS},
     ),
     "convnext": Recipe(
         _timm_builder("convnext_atto", CONVNEXT_ARGS), _timm_saver("convnext_atto", CONVNEXT_ARGS), epochs=4, lr=2e-3,

@@ -230,6 +230,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
         "fusion": report.get("fusion") or {},
         "clipping": report.get("clipping") or {},
         "agreement": _num((report.get("verification") or {}).get("agreement")),
+        "warnings": list(report.get("warnings") or []),
         "publish_check": _publish_check(report.get("publish_verification")),
         "scans": _scan_rows(report),
         "evaluation": None if not ev else {

@@ -11,6 +11,12 @@ synthesised from the original model itself (no data):
   cannot use), the ``fallback`` ratio is used. How strongly it is fused is the caller's
   part: :func:`otbr_hub.repair.repair` fuses lightly when its scan finds nothing, at full
   strength otherwise.
+* **a walk that never gets the statistic below its threshold** ends at the candidate where
+  the statistic was weakest (largest p; the smaller ratio on a tie), not at the largest
+  ratio: when more pruning does not weaken the evidence, the evidence is not telling the
+  walk to prune more. On a clean MobileNetV3 that the margins flagged falsely, the largest
+  ratio the guard allowed (0.03) cost 32 points of accuracy and the weakest-statistic one
+  (0.01) 13 (``benchmarks/NOTES.md``, section 14).
 * **agreement guard**: a candidate whose top-1 agreement with the original on the
   synthetic inputs falls below ``min_agreement`` is never chosen; the walk stops there.
   It guards against a collapsed model, not a fine-grained accuracy estimate: agreement on
@@ -90,7 +96,9 @@ def choose_ratio(
         return RatioChoice(r, why, candidates), build(r)
     r, model = accepted
     if use_detector:
-        why = "the backdoor statistic stayed significant at every ratio within the agreement guard; used the largest"
+        r, why = _weakest_statistic(candidates)
+        if r != accepted[0]:
+            model = build(r)
     elif r == fallback and unflagged_reason:
         why = unflagged_reason
     elif r == fallback:
@@ -99,3 +107,16 @@ def choose_ratio(
     else:
         why = f"largest ratio below the default {fallback:g} that kept agreement >= {min_agreement}"
     return RatioChoice(r, why, candidates), model
+
+
+def _weakest_statistic(candidates: list[Candidate]) -> tuple[float, str]:
+    """The walked candidate with the largest backdoor p-value (the smaller ratio on a tie)."""
+    walked = [c for c in candidates if c.backdoor_p is not None]
+    best = max(walked, key=lambda c: (c.backdoor_p, -c.ratio))
+    largest = max(c.ratio for c in walked)
+    if best.ratio == largest:
+        return best.ratio, ("the backdoor statistic stayed significant at every ratio within the agreement guard; "
+                            f"used the largest, where it was weakest (p={best.backdoor_p:.3g})")
+    return best.ratio, ("the backdoor statistic stayed significant at every ratio within the agreement guard and "
+                        f"pruning more did not weaken it; used the ratio where it was weakest (p={best.backdoor_p:.3g}), "
+                        f"not the largest ({largest:g})")

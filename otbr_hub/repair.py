@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,9 @@ from .ratio import RatioChoice, choose_ratio
 from .score import Scores, neuron_weight_change
 from .settings import RepairSettings, preset
 from .unlearn import unlearn
-from .verify import Verification, agreement, predictions, synthesize_inputs, verify
+from .verify import Verification, agreement, low_agreement_warning, predictions, synthesize_inputs, verify
+
+log = logging.getLogger("otbr_hub")
 
 
 _CLIP_CHECK_PROBES = 8
@@ -63,6 +66,8 @@ class RepairReport:
     evaluation: dict[str, Any] | None = None
     scan_before: dict[str, Any] | None = None
     scan_after: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    """What the user should check before using the model (e.g. a low agreement)."""
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -311,7 +316,10 @@ def repair(
         timings={k: round(v, 3) for k, v in t.times.items()},
         scan_before=scan_before,
         scan_after=scan_after,
+        warnings=[w for w in (low_agreement_warning(check.agreement),) if w],
     )
+    for warning in report.warnings:
+        log.warning("warning: %s: %s", loaded.source, warning)
     result = RepairResult(model=out, report=report, source=loaded)
     if push or publish_as_pr:
         from .push import publish

@@ -15,6 +15,24 @@ from .load import InputSpec, eval_mode, forward_logits, model_device
 from .placement import gradient_precision, images_per_pass
 
 
+LOW_AGREEMENT = 0.8
+"""Below this top-1 agreement on the synthesised inputs the repair warns. The inputs sit near
+the decision boundaries, so agreement is not an accuracy estimate (benchmark ResNets that
+lost 1-4 points sat at 0.6-0.8). But every repair measured below 0.7 on a model the scan
+did not flag, or on a MobileNetV3, lost 3-50 points (``benchmarks/NOTES.md``, section 14).
+The warning asks for a measurement; it does not change what is chosen."""
+
+
+def low_agreement_warning(agreement: float | None) -> str | None:
+    """A one-line warning for the report, CLI and card, or None."""
+    if agreement is None or agreement >= LOW_AGREEMENT:
+        return None
+    return (f"the repaired model disagrees with the original on {100 * (1 - agreement):.0f} % of the synthesised inputs "
+            f"(agreement {agreement:.3f} < {LOW_AGREEMENT}); on some architectures (MobileNetV3 in the benchmark) "
+            "this went with accuracy losses of 10 points and more: measure accuracy before using it (--eval-dataset), "
+            "or repair more lightly (a smaller --prune-ratio or --lambda)")
+
+
 @dataclass
 class Verification:
     """Outcome of :func:`verify`. ``ok`` is what push and save rely on."""

@@ -618,6 +618,57 @@ def test_auto_repair_walks_at_full_strength_when_the_detector_flags_the_model():
     assert calls == [True, False, False]  # original, first candidate, the scan after repair
 
 
+def _walk(p_values: dict[float, float], agreements: dict[float, float] | None = None):
+    """choose_ratio over the default grid with a detector that always flags, returning these p-values."""
+    from otbr_hub.ratio import choose_ratio
+
+    built: list[float] = []
+
+    def build(r: float) -> nn.Module:
+        built.append(r)
+        m = nn.Linear(1, 1)
+        m.ratio = r
+        return m
+
+    agree = (lambda m: agreements[m.ratio]) if agreements else (lambda m: 0.9)
+    choice, model = choose_ratio(sorted(p_values), build, agree, 0.5, 0.05,
+                                 detector=lambda m: (True, p_values[m.ratio]), original_flagged=True)
+    assert model.ratio == choice.ratio  # the model returned is the one chosen
+    return choice, built
+
+
+def test_a_walk_that_never_unflags_ends_where_the_statistic_was_weakest():
+    """A statistic that does not weaken with more pruning (a natural outlier, as on a clean
+    MobileNetV3) must not send the walk to the most damaging ratio."""
+    choice, built = _walk({0.01: 0.02, 0.02: 0.0005, 0.03: 0.003, 0.05: 0.004})
+    assert choice.ratio == 0.01 and "did not weaken" in choice.reason and "not the largest (0.05)" in choice.reason
+    assert built == [0.01, 0.02, 0.03, 0.05, 0.01]  # the chosen candidate is rebuilt (builds are deterministic)
+    # a statistic that weakens as more is pruned still ends at the largest ratio
+    choice, built = _walk({0.01: 0.001, 0.02: 0.005, 0.03: 0.02, 0.05: 0.04})
+    assert choice.ratio == 0.05 and "used the largest" in choice.reason and built == [0.01, 0.02, 0.03, 0.05]
+    # ties go to the smaller ratio; candidates past the agreement guard are never chosen
+    choice, _ = _walk({0.01: 0.01, 0.02: 0.03, 0.03: 0.03, 0.05: 0.9}, {0.01: 0.9, 0.02: 0.9, 0.03: 0.9, 0.05: 0.3})
+    assert choice.ratio == 0.02
+
+
+def test_low_agreement_is_reported_as_a_warning(caplog):
+    from otbr_hub.verify import LOW_AGREEMENT, low_agreement_warning
+
+    assert low_agreement_warning(None) is None and low_agreement_warning(LOW_AGREEMENT) is None
+    assert "agreement 0.500" in low_agreement_warning(0.5)
+    model = small_cnn()
+    with torch.no_grad():  # a random CNN sends every probe to one class; this one tells them apart
+        model.fc.bias.zero_(), model.fc1.bias.zero_(), model.fc.weight.mul_(10)
+        model.bn1.running_mean.zero_(), model.bn2.running_mean.zero_()
+    kw = {**FAST, "verify_samples": 32, **CNN_SPEC}
+    with caplog.at_level("WARNING", logger="otbr_hub"):
+        rep = repair(model, prune_ratio=0.5, lam=1.0, **kw).report  # half the neurons gone, full strength
+    assert rep.verification["agreement"] < LOW_AGREEMENT
+    assert rep.warnings == [low_agreement_warning(rep.verification["agreement"])]
+    assert rep.to_dict()["warnings"] == rep.warnings and any("disagrees" in r.message for r in caplog.records)
+    assert repair(model, prune_ratio=0.5, lam=0.0, **kw).report.warnings == []  # lambda 0: the original itself
+
+
 def test_fixed_ratio_and_no_detector_keep_full_strength():
     for kw in (dict(prune_ratio=0.2), dict(prune_ratio="auto")):  # FAST has detector=False
         rep = repair(small_cnn(), clean_lambda=0.0, **kw, **FAST, **CNN_SPEC).report

@@ -546,3 +546,17 @@ def test_card_says_when_unlearning_batches_were_sliced() -> None:
     whole = render_card({**base, "unlearning": {"steps": 20, "batch": 256, "images_per_pass": 256}}, repo_id="bob/r50-otbr")
     assert "slices of 1 images" in sliced
     assert "slices of" not in whole and "20 gradient-ascent steps on batches of 256" in whole
+
+
+def test_card_and_pull_request_carry_the_repair_warnings() -> None:
+    from otbr_hub.card import render_pr_description
+    from otbr_hub.verify import low_agreement_warning
+
+    warning = low_agreement_warning(0.56)
+    base = {"source": "alice/mnv3", "library": "timm", "prune_ratio": 0.01, "lam": 0.5, "settings": {"seed": 0},
+            "verification": {"ok": True, "agreement": 0.56}, "warnings": [warning]}
+    card = render_card(base, repo_id="bob/mnv3-otbr")
+    assert "Check before use" in card and "44 % of the synthesised inputs" in card and "--eval-dataset" in card
+    assert "Warning:" in render_pr_description(base, marker="m", files=["model.safetensors"])
+    quiet = render_card({**base, "verification": {"ok": True, "agreement": 0.95}, "warnings": []}, repo_id="bob/mnv3-otbr")
+    assert "Check before use" not in quiet
