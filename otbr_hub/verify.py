@@ -17,10 +17,10 @@ from .placement import gradient_precision, images_per_pass
 
 LOW_AGREEMENT = 0.8
 """Below this top-1 agreement on the synthesised inputs the repair warns. The inputs sit near
-the decision boundaries, so agreement is not an accuracy estimate (benchmark ResNets that
-lost 1-4 points sat at 0.6-0.8). But every repair measured below 0.7 on a model the scan
-did not flag, or on a MobileNetV3, lost 3-50 points (``benchmarks/NOTES.md``, section 14).
-The warning asks for a measurement; it does not change what is chosen."""
+the decision boundaries, so agreement is not an accuracy estimate: benchmark ResNets that
+lost 0.5-4 points ended at 0.61-0.79, and MobileNetV3 repairs that lost 2.8-65 points at
+0.35-0.80 (``benchmarks/NOTES.md``, section 14). No threshold separates the two, so the
+warning asks for a measurement; it does not change what is chosen."""
 
 
 def low_agreement_warning(agreement: float | None) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -25,6 +26,8 @@ from otbr_hub.triggers import parse_trigger  # noqa: E402
 from quality import clp  # noqa: E402
 
 ARMS = {"default": {}, "layer-normalized ranking": {"ranking": "layer-normalized"}}
+if os.environ.get("ARMS"):  # e.g. ARMS=default: only these arms (comma-separated names)
+    ARMS = {k: v for k, v in ARMS.items() if k in os.environ["ARMS"].split(",")}
 LIMIT = 2000
 
 
@@ -55,6 +58,8 @@ def main(out: str, folders: list[str]) -> None:
         row["arms"]["CLP (u = 3)"] = {"after": dataclasses.asdict(after), "der": der(before, after), "channels": pruned}
         print(f"{row['model']:28s} {'CLP (u = 3)':24s} ACC {before.acc:5.1f} -> {after.acc:5.1f}  ASR {before.asr:5.1f} -> {after.asr:5.1f}  ({pruned} channels)", flush=True)
         rows.append(row)
+        if Path(out).exists():  # earlier runs' rows for other models are kept
+            rows = [r for r in json.loads(Path(out).read_text())["rows"] if r["model"] not in {x["model"] for x in rows}] + rows
         Path(out).write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "limit": LIMIT, "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", "rows": rows,
