@@ -447,8 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if verbose:  # otbr-hub's own details; libraries' info logs would bury them (and name temp folders)
-        logging.getLogger("otbr_hub").setLevel(logging.INFO)
+    # -v: otbr-hub's own details (libraries' info logs would bury them, and name temp folders);
+    # -q: errors only, the repair's warnings stay in its report. Set on every call (one process may run several).
+    quiet = getattr(args, "quiet", False)
+    logging.getLogger("otbr_hub").setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
     if not verbose:
         _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty(),
                          quiet=getattr(args, "quiet", False))

@@ -88,6 +88,23 @@ def test_quiet_prints_nothing(tmp_path, capsys):
     assert code == 0 and stdout == "" and err == ""
 
 
+def test_repair_warnings_reach_the_terminal_but_not_with_quiet(tmp_path, capsys, caplog, monkeypatch):
+    """Every repair warns once the threshold is above any agreement (our own constant, patched);
+    -q keeps the terminal silent and the warning stays in otbr_report.json."""
+    monkeypatch.setattr("otbr_hub.verify.LOW_AGREEMENT", 1.01)
+    src = timm_folder(tmp_path / "src")
+    args = ["repair", str(src), "--prune-ratio", "0.1", *FAST]
+    code, stdout, err = run_cli([*args, "-o", str(tmp_path / "loud")], capsys)  # the log goes to pytest's handler
+    assert code == 0 and any(r.message.startswith("warning:") and "disagrees with the original" in r.message
+                             for r in caplog.records)
+    caplog.clear()
+    code, stdout, err = run_cli([*args, "-o", str(tmp_path / "quiet"), "-q"], capsys)
+    assert code == 0 and stdout == "" and err == "" and not [r for r in caplog.records if r.name == "otbr_hub"]
+    report = json.loads((tmp_path / "quiet" / "otbr_report.json").read_text())
+    assert len(report["warnings"]) == 1 and "disagrees" in report["warnings"][0]
+    assert "Check before use" in (tmp_path / "quiet" / "README.md").read_text()
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     good = timm_folder(tmp_path / "good")
     not_model = tmp_path / "notmodel"
