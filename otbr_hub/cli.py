@@ -448,9 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # -v: otbr-hub's own details (libraries' info logs would bury them, and name temp folders);
-    # -q: errors only, the repair's warnings stay in its report. Set on every call (one process may run several).
-    quiet = getattr(args, "quiet", False)
-    logging.getLogger("otbr_hub").setLevel(logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING)
+    # -q: errors only, the repair's warnings stay in its report. Put back afterwards: a process
+    # (a notebook, a test) may call main() several times and keep its own logging set-up.
+    own_log = logging.getLogger("otbr_hub")
+    level_before = own_log.level
+    if verbose:
+        own_log.setLevel(logging.INFO)
+    elif getattr(args, "quiet", False):
+        own_log.setLevel(logging.ERROR)
     if not verbose:
         _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty(),
                          quiet=getattr(args, "quiet", False))
@@ -478,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .distribute import shutdown
 
         shutdown()
+        own_log.setLevel(level_before)
     return 0
 
 
