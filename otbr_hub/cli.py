@@ -450,15 +450,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -v: otbr-hub's own details (libraries' info logs would bury them, and name temp folders);
     # -q: errors only, the repair's warnings stay in its report. Put back afterwards: a process
     # (a notebook, a test) may call main() several times and keep its own logging set-up.
+    quiet = getattr(args, "quiet", False)
     own_log = logging.getLogger("otbr_hub")
     level_before = own_log.level
     if verbose:
         own_log.setLevel(logging.INFO)
-    elif getattr(args, "quiet", False):
+    elif quiet:
         own_log.setLevel(logging.ERROR)
     if not verbose:
-        _quiet_libraries(progress=not getattr(args, "quiet", False) and sys.stderr.isatty(),
-                         quiet=getattr(args, "quiet", False))
+        _quiet_libraries(progress=not quiet and sys.stderr.isatty(), quiet=quiet)
     try:
         if args.command == "repair":
             return cmd_repair(args)
