@@ -113,10 +113,17 @@ def save_section(path: Path, section: str, data: Any, machine_info: dict[str, An
         doc = {}
     doc.setdefault("machines", {})[section] = machine_info
     if merge_models and isinstance(doc.get(section), dict):
-        data = {**data, "models": {**doc[section].get("models", {}), **data.get("models", {})}}
+        models = dict(doc[section].get("models", {}))
+        for name, entry in data.get("models", {}).items():
+            # one model's other modes (a fixed-ratio run when only the scan was remeasured) stay
+            old = models.get(name)
+            models[name] = {**old, **entry} if isinstance(old, dict) and isinstance(entry, dict) else entry
+        data = {**data, "models": models}
     doc[section] = data
     doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def build_model(name: str, num_classes: int = 1000) -> Any:
