@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
-from .load import LoadedModel, load_folder
+from .load import LoadedModel, load_folder, read_json_object
 
 log = logging.getLogger("otbr_hub")
 
@@ -392,16 +392,6 @@ def _download(ctx: HubContext, repo_id: str, sha: str, filename: str) -> Path:
         hf_log.removeFilter(notes)
 
 
-def _read_json(path: Path, repo_id: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # broken, not unsupported: an error
-        raise OtbrError(f"{repo_id}: {path.name} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise OtbrError(f"{repo_id}: {path.name} is not a JSON object")
-    return data
-
-
 def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
     """Check the repo through the API and fetch its config; returns the snapshot folder."""
     api = ctx.api()
@@ -420,7 +410,7 @@ def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
     config_path = _download(ctx, ref.repo_id, ref.revision or "main", "config.json")
     if config_path.parent.name != sha:  # the branch moved since model_info: stay on what was checked
         config_path = _download(ctx, ref.repo_id, sha, "config.json")
-    library = _check_config(ref.repo_id, _read_json(config_path, ref.repo_id), hint, ref, info.pipeline_tag)
+    library = _check_config(ref.repo_id, read_json_object(config_path, f"{ref.repo_id}: config.json"), hint, ref, info.pipeline_tag)
     files = ["config.json", *(n for n in PROCESSOR_FILES if n in siblings), weights]
     if "README.md" in siblings:
         files.append("README.md")  # kept in the repaired model's card
@@ -428,7 +418,7 @@ def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
 
 
 def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[str]:
-    index = _read_json(index_path, repo_id)
+    index = read_json_object(index_path, f"{repo_id}: {index_path.name}")
     shards = sorted(set((index.get("weight_map") or {}).values()))
     if not shards:
         raise UnsupportedModelError(f"{repo_id}: {index_path.name} lists no shards")

@@ -331,15 +331,19 @@ def model_device(model: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- folders
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A broken config is an error of the model (scan: ``error``), not an unsupported kind of
-    model (``skipped``): a CI gate must not read it as "nothing to scan"."""
+def read_json_object(path: Path, name: str | None = None) -> dict[str, Any]:
+    """A model's JSON file (config, index, preprocessing) as a dict. A broken file is an error
+    of the model (scan: ``error``), not an unsupported kind of model (``skipped``): a CI gate
+    must not read it as "nothing to scan". ``name`` replaces the path in messages (a Hub file
+    is better named by its repo than by its cache path). Fetch, load and scan all read
+    through here, so they fail alike."""
+    label = name or str(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OtbrError(f"{path} is not valid JSON: {err}") from None
+        raise OtbrError(f"{label} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise OtbrError(f"{path} holds a JSON {type(data).__name__}, not an object")
+        raise OtbrError(f"{label} holds a JSON {type(data).__name__}, not an object")
     return data
 
 
@@ -356,7 +360,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if path.name.endswith(".index.json"):
-        index = _read_json(path)
+        index = read_json_object(path)
         out: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index.get("weight_map", {}).values())):
             out.update(read_state_dict(path.parent / shard))
@@ -407,7 +411,7 @@ def detect_library(folder: Path) -> Library:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise UnsupportedModelError(f"{folder} is not a model folder (no config.json)")
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     if "architecture" in cfg:
         return "timm"
     if "model_type" in cfg or "architectures" in cfg:
@@ -435,7 +439,7 @@ def load_folder(path: str | Path, *, source: str | None = None, revision: str | 
 def _load_timm(folder: Path) -> LoadedModel:
     import timm
 
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json_object(folder / "config.json")
     arch = cfg["architecture"]
     kwargs = dict(cfg.get("model_args") or {})
     if "num_classes" in cfg:
@@ -480,7 +484,7 @@ def _load_transformers(folder: Path) -> LoadedModel:
     sd_path = weight_file(folder)
     dtype = _header_dtype(sd_path) if sd_path.suffix == ".safetensors" else source_dtype(read_state_dict(sd_path))
     proc_path = folder / "preprocessor_config.json"
-    proc = _read_json(proc_path) if proc_path.is_file() else None
+    proc = read_json_object(proc_path) if proc_path.is_file() else None
     model.eval()
     return LoadedModel(
         model=model,

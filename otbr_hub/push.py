@@ -28,7 +28,7 @@ import torch
 from .card import render_card, render_pr_description, source_label
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, source_readme
-from .load import load_folder
+from .load import load_folder, read_json_object
 from .save import save_model
 from .verify import compare_state_dicts, verify
 
@@ -244,7 +244,7 @@ def _bounded_config(result: Any, report: dict[str, Any]) -> bytes | None:
     source = result.source.folder
     if not entry or source is None or not (Path(source) / "config.json").is_file():
         return None
-    cfg = json.loads((Path(source) / "config.json").read_text())
+    cfg = read_json_object(Path(source) / "config.json")
     if result.source.library == "timm":
         cfg["model_args"] = {**(cfg.get("model_args") or {}), **entry}
     else:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .clip import bounds_config
 from .errors import OtbrError, UnsupportedModelError, UsageError
-from .load import LoadedModel
+from .load import LoadedModel, read_json_object
 
 # Largest safetensors file written; bigger models are split into shards plus an index.
 # Callers (and tests) pass ``max_shard_size`` to use another threshold.
@@ -91,7 +91,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         relu6 = source.library == "timm" and bounds_config(model).get("act_layer") == "relu6"  # otbr_hub.clip
         if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
             if relu6:
-                cfg = json.loads((source.folder / "config.json").read_text())
+                cfg = read_json_object(source.folder / "config.json")
                 cfg["model_args"] = {**(cfg.get("model_args") or {}), "act_layer": "relu6"}
                 (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             else:

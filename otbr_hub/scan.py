@@ -36,7 +36,7 @@ from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
-from .load import LoadedModel, check_forward, from_model, load_folder
+from .load import LoadedModel, check_forward, from_model, load_folder, read_json_object
 from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
 
 log = logging.getLogger("otbr_hub")
@@ -197,16 +197,8 @@ def _classifier_problem(config: dict[str, Any]) -> str | None:
 
 
 def _read_config(folder: Path) -> dict[str, Any] | None:
-    import json
-
     path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise OtbrError(f"config.json is not valid JSON: {err}") from None  # broken: an error, not a skip
-    return data if isinstance(data, dict) else None
+    return read_json_object(path, "config.json") if path.is_file() else None
 
 
 def _label(loaded: LoadedModel, index: int | None) -> str | None:

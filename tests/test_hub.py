@@ -475,6 +475,7 @@ def test_hub_errors_are_one_line(hub_server: HubServer, tmp_path: Path, monkeypa
                                        "model.safetensors": b"x"}, pipeline_tag="fill-mask", library_name="transformers")
     hub_server.add_repo("alice/noweights", {"config.json": json.dumps({"architecture": "resnet18", "num_classes": 10})},
                         library_name="timm")
+    hub_server.add_repo("alice/listcfg", {"config.json": "[1, 2]", "model.safetensors": b"x"}, library_name="timm")
     dead = f"http://127.0.0.1:{_closed_port()}"
 
     # name: (args, token, expected text, extra setup)
@@ -487,6 +488,7 @@ def test_hub_errors_are_one_line(hub_server: HubServer, tmp_path: Path, monkeypa
         "invalid token": (["alice/resnet"], tokens.invalid, "rejected the token", None),
         "not an image classifier": (["alice/bert"], None, "not an image classifier", None),
         "no weights": (["alice/noweights"], None, "no loadable weights", None),
+        "config not an object": (["alice/listcfg"], None, "alice/listcfg: config.json holds a JSON list", None),
         "rate limited": (["alice/resnet"], None, "rate limiting", lambda: hub_server.rate_limit(50, retry_after=0)),
         "long Retry-After": (["alice/resnet"], None, "wait 3600 s", lambda: hub_server.rate_limit(1, retry_after=3600)),
         "network down": (["alice/resnet"], tokens.read, "cannot reach the Hub", lambda: monkeypatch.setenv("HF_ENDPOINT", dead)),

@@ -371,6 +371,10 @@ def test_a_broken_config_is_an_error_not_a_skip(tmp_path, capsys) -> None:
     code, stdout, _ = run(["scan", str(broken), "-q", "--format", "json"], capsys)
     entry = json.loads(stdout)["targets"][0]
     assert code == 2 and entry["verdict"] == "error" and "not valid JSON" in entry["error"]
+    (broken / "config.json").write_text('["resnet18"]')  # valid JSON, but not a config: the same kind of error
+    code, stdout, _ = run(["scan", str(broken), "-q", "--format", "json"], capsys)
+    entry = json.loads(stdout)["targets"][0]
+    assert code == 2 and entry["verdict"] == "error" and "holds a JSON list" in entry["error"]
 
 
 def test_cli_exit_3_nothing_scannable(folders, tmp_path, capsys) -> None:
