@@ -128,7 +128,8 @@ class _Timer:
         return _Ctx()
 
 
-def _as_loaded(source: Any, **spec_kw: Any) -> LoadedModel:
+def load_any(source: Any, **spec_kw: Any) -> LoadedModel:
+    """What :func:`repair` accepts as ``source`` (model, folder, Hub id, LoadedModel), loaded."""
     if isinstance(source, LoadedModel):
         return source
     if isinstance(source, nn.Module):
@@ -211,7 +212,7 @@ def repair(
     settings.validate()
     t = _Timer(progress)
     with t("load"):
-        loaded = _as_loaded(source, input_size=input_size, mean=mean, std=std)
+        loaded = load_any(source, input_size=input_size, mean=mean, std=std)
     spec = loaded.spec
     device = resolve_device(settings.device)
 

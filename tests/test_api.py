@@ -198,7 +198,8 @@ def test_an_in_memory_timm_feature_extractor_is_named_as_such():
     (dict(lam=2), "lam (--lambda) must be in [0, 1], got 2"),
     (dict(prune_ratio=1.5), "prune_ratio (--prune-ratio) must be in (0, 1), got 1.5"),
     (dict(unlearn_batch=0), "unlearn_batch (--unlearn-batch) must be >= 1, got 0"),
-    (dict(unlearn_steps=-1), "unlearn_steps (--unlearn-steps) must be >= 0, got -1"),
+    (dict(unlearn_steps=-1), "unlearn_steps (--unlearn-steps) must be >= 1, got -1"),
+    (dict(unlearn_steps=0), "unlearn_steps (--unlearn-steps) must be >= 1, got 0"),
     (dict(min_agreement=2), "min_agreement (--min-agreement) must be in [0, 1], got 2"),
     (dict(ratio_grid="a,b"), "ratio_grid (--ratio-grid) must be a comma list of numbers"),
 ])
@@ -214,8 +215,8 @@ def test_bad_settings_name_the_field_and_its_flag(kw, message):
 def test_good_settings_pass_and_numpy_scalars_become_plain_numbers():
     import numpy as np
 
-    s = preset(seed=np.int64(3), lam=np.float32(0.25), unlearn_steps=0, prune_ratio="0.1", device="cuda:1")
-    assert type(s.seed) is int and type(s.lam) is float and s.prune_ratio == 0.1 and s.device == "cuda:1"
+    s = preset(seed=np.int64(3), lam=np.float32(0.25), unlearn_steps=np.int64(1), prune_ratio="0.1", device="cuda:1")
+    assert type(s.seed) is int and type(s.lam) is float and type(s.unlearn_steps) is int and s.prune_ratio == 0.1 and s.device == "cuda:1"
     assert preset(lam=1).lam == 1 and preset("paper").to_dict() == preset("paper").to_dict()
     with pytest.raises(UsageError, match="unknown preset"):
         preset(["paper"])  # not hashable: still a UsageError, not a TypeError

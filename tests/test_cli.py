@@ -156,6 +156,43 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         assert not list(tmp_path.glob(f".out-{name.replace(' ', '-')}*")), name
 
 
+def test_an_evaluation_the_model_cannot_take_fails_before_the_repair(tmp_path, capsys, monkeypatch):
+    """A trigger target or label set outside the model's classes is refused once the model is
+    loaded, not after minutes of repairing it (and nothing is written)."""
+    import datasets
+    import numpy as np
+
+    import importlib
+
+    repair_module = importlib.import_module("otbr_hub.repair")  # the package's ``repair`` is the function
+
+    def no_repair(*args, **kwargs):
+        raise AssertionError("the repair ran although the evaluation could not")
+
+    monkeypatch.setattr(repair_module, "repair", no_repair)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(6)]
+    wide = datasets.Dataset.from_dict({"image": images, "label": [0, 3, 5, 7, 9, 11]},
+                                      features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=12)}))
+    wide.save_to_disk(str(tmp_path / "wide"))
+    plain = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 3, 4, 10]},
+                                       features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    plain.save_to_disk(str(tmp_path / "plain"))
+    src = timm_folder(tmp_path / "src")
+    capsys.readouterr()  # the datasets progress bars of saving them
+    cases = {
+        "trigger target": (["fashion_mnist", "badnets:target=10"], "trigger target 10 is not a class of this 10-class model"),
+        "declared classes": ([str(tmp_path / "wide"), "badnets:target=1"], "the dataset has 12 classes but the model has 10"),
+        "label range": ([str(tmp_path / "plain"), "badnets:target=1"], "dataset labels span 0..10 but the model has 10 classes"),
+    }
+    for name, ((dataset, trigger), expected) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        code, _, err = run_cli(["repair", str(src), "-o", str(out), *FAST, "--eval-dataset", dataset, "--trigger", trigger], capsys)
+        lines = [l for l in err.strip().splitlines() if l]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (name, err)
+        assert not out.exists(), name
+
+
 def test_missing_output_parent(tmp_path, capsys):
     src = timm_folder(tmp_path / "src")
     code, _, err = run_cli(["repair", str(src), "--output", str(tmp_path / "no" / "such" / "dir"), *FAST], capsys)
