@@ -14,7 +14,6 @@ import, which is too early for programs (and tests) that set them later.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re

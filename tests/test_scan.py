@@ -14,7 +14,6 @@ import builtins
 import contextlib
 import copy
 import json
-import os
 import pickle
 import shutil
 import struct
