@@ -41,6 +41,8 @@ epoch with 2 threads on a quiet 2-core machine. ``--arch efficientnet_b0`` and `
 mobilenetv3`` (timm ``mobilenetv3_small_100``) are stock timm models of two more families
 (depthwise convolutions, squeeze-excitation, SiLU / hard-swish), hold-outs of session 8
 (``benchmarks/experiments/2026-12-01-mobile/``): about 3.3 and 1 minutes an epoch.
+``--arch regnetx_002`` (timm RegNetX-200MF, grouped convolutions) is session 9's hold-out
+(``benchmarks/experiments/2026-12-02-regnet/``): about a minute an epoch.
 
 Measured (full 60k training set, default epochs, 1 torch thread on a shared 2-core machine,
 so times are pessimistic; clean ACC / ASR on the 10k test split):
@@ -209,6 +211,12 @@ RECIPES: dict[str, Recipe] = {
         _timm_builder("mobilenetv3_small_100", RESNET18_ARGS), _timm_saver("mobilenetv3_small_100", RESNET18_ARGS),
         epochs=4, lr=2e-3,
         info={"library": "timm", "architecture": "mobilenetv3_small_100", "model_args": RESNET18_ARGS},
+    ),
+    # Stock timm RegNetX-200MF (grouped 3x3 convolutions, groups of 8 channels, BatchNorm,
+    # ReLU): a hold-out between the plain ResNets and the depthwise families (session 9).
+    "regnetx_002": Recipe(
+        _timm_builder("regnetx_002", RESNET18_ARGS), _timm_saver("regnetx_002", RESNET18_ARGS), epochs=4, lr=2e-3,
+        info={"library": "timm", "architecture": "regnetx_002", "model_args": RESNET18_ARGS},
     ),
     "convnext": Recipe(
         _timm_builder("convnext_atto", CONVNEXT_ARGS), _timm_saver("convnext_atto", CONVNEXT_ARGS), epochs=4, lr=2e-3,
