@@ -1,7 +1,7 @@
 """FT-SAM (Zhu et al. 2023: fine-tuning with adaptive sharpness-aware minimisation removes
 backdoors) with DeepInversion images instead of clean data: the student is fine-tuned towards
 the original's predictions on the synthesised images under ASAM. One-off experiment;
-usage: ftsam.py OUT.json NAME [NAME ...]; env RHO, LR, STEPS, LOSS (kl|ce), BN (eval|train)."""
+usage: ftsam.py OUT.json NAME [NAME ...]; env RHO, LR, STEPS, LOSS (kl|ce), BN (eval|train), OPT (adam|sgd)."""
 import os, sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from rnp import *  # noqa: F401,F403  (di_images, M, fwd, torch, F, copy, json, time, Path)
 
@@ -60,7 +60,7 @@ def main(out, names):
     rows = json.loads(Path(out).read_text()) if Path(out).exists() else {}
     cfg = dict(rho=float(os.environ.get("RHO", 2.0)), lr=float(os.environ.get("LR", 0.01)),
                steps=int(os.environ.get("STEPS", 300)), loss_kind=os.environ.get("LOSS", "kl"), bn=os.environ.get("BN", "eval"))
-    tag = ",".join(f"{k}={v}" for k, v in cfg.items())
+    tag = ",".join(f"{k}={v}" for k, v in cfg.items()) + f",opt={os.environ.get('OPT', 'adam')}"
     for name in names:
         t0 = time.time()
         m = M(name, n=2000)

@@ -1,7 +1,10 @@
 """RNP (reconstructive neuron pruning, Li et al. 2023) with DeepInversion images instead of
 clean data: unlearn the model on the synthesised images (gradient ascent), learn per-channel
 BatchNorm masks that recover it on the same images, prune the original's channels with the
-smallest masks. One-off experiment; usage: rnp.py OUT.json NAME [NAME ...] (zoo names)."""
+smallest masks. One-off experiment; usage: rnp.py OUT.json NAME [NAME ...] (zoo names).
+Env: RTRAIN (1: recover masks in train mode, as RNP; 0: eval mode), RLR (mask lr, 0.2), ULR
+(unlearning lr, 0.01), LAYERS (comma-separated BatchNorm name prefixes that may be pruned),
+EXCLUDE (regex of BatchNorm names never pruned). logs/sink-and-prune.json: RTRAIN=0 RLR=0.05."""
 import os, sys; sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "2026-12-01-generalise"))
 from di_lib import *  # noqa: F401,F403  (M, fwd, deepinv, torch, F, nn, copy, json, time, Path)
 
