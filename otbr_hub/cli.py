@@ -170,7 +170,7 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
         raise UsageError(f"--revision applies to Hub sources; {source} is a local path")
     source = source if not args.revision else f"{source}@{args.revision}"
     try:
-        loaded, load_s = _load_for_eval(source, evaluation)
+        loaded, load_s = _load_for_eval(source, evaluation, bars)
         result = repair(loaded, settings, progress=bars)
     finally:
         if bars is not None:
@@ -336,7 +336,7 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
                              "output": None, "url": None, "error": None}
     t0 = time.perf_counter()
     try:
-        loaded, load_s = _load_for_eval(source, evaluation)
+        loaded, load_s = _load_for_eval(source, evaluation, line)
         result = repair(loaded, settings, progress=line)
         report = result.report
         if evaluation is not None:
@@ -421,19 +421,24 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
     return dataset, trigger, args.eval_limit, describe_eval_source(args.eval_dataset, "test")
 
 
-def _load_for_eval(source: str, evaluation: Any) -> tuple[Any, float]:
+def _load_for_eval(source: str, evaluation: Any, progress: Any) -> tuple[Any, float]:
     """With --eval-dataset, load the model before repairing it, so that a trigger target or
-    label set it cannot take fails in seconds rather than after the whole repair; the seconds
-    are added to the report's load time. Without one, ``repair`` loads as usual."""
+    label set it cannot take fails in seconds rather than after the whole repair; the load's
+    seconds are added to the report's load time (and shown as the 'load' stage). Without
+    one, ``repair`` loads as usual."""
     if evaluation is None:
         return source, 0.0
     from .evaluate import check_evaluation
     from .repair import load_any
 
+    if progress is not None:
+        progress("load", 0, None)
     t0 = time.perf_counter()
     loaded = load_any(source)
-    check_evaluation(loaded.spec, evaluation[0], evaluation[1])
-    return loaded, time.perf_counter() - t0
+    load_s = time.perf_counter() - t0
+    dataset, trigger, limit, _ = evaluation
+    check_evaluation(loaded.spec, dataset, trigger, limit)
+    return loaded, load_s
 
 
 def _evaluate(prepared: tuple[Any, Any, Any, tuple[str, str | None]], result: Any) -> dict[str, Any]:

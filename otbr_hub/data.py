@@ -215,8 +215,9 @@ def _fit_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
-def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
-    """Sorted indices of a seeded random subset of size ``limit``, or None for everything."""
+def subset_indices(n: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Sorted indices of a seeded random subset of size ``limit``, or None for everything
+    (:func:`to_tensors`'s rows; :func:`otbr_hub.evaluate.check_evaluation` checks the same)."""
     if limit is None or limit >= n:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(0, limit)].sort().values
@@ -229,7 +230,7 @@ def to_tensors(ds, spec: InputSpec, limit: int | None = None, seed: int = 0) -> 
     gives a fair sample.
     """
     image_col, label_col = find_columns(ds)
-    idx = _subset(len(ds), limit, seed)
+    idx = subset_indices(len(ds), limit, seed)
     if idx is not None:
         ds = ds.select(idx.tolist())
     labels = ds[label_col]
@@ -255,7 +256,7 @@ def fashion_mnist_tensors(
     only much faster, which matters when training on all 60k images.
     """
     images, labels = fashion_mnist_arrays(split, root)
-    idx = _subset(len(labels), limit, seed)
+    idx = subset_indices(len(labels), limit, seed)
     if idx is not None:
         images, labels = images[idx.numpy()], labels[idx.numpy()]
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]

@@ -81,24 +81,27 @@ def predict(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch_size: int 
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger | None) -> None:
-    """The cheap part of :func:`evaluate`'s checks (trigger target, declared classes, label
-    range; no image is decoded), so that the CLI can refuse a dataset or trigger the model
-    cannot take before the repair instead of after it."""
+def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger | None, limit: int | None = None) -> None:
+    """The cheap part of :func:`evaluate`'s checks (trigger target, declared classes, the
+    labels of the rows ``limit`` selects; no image is decoded), so that the CLI can refuse a
+    dataset or trigger the model cannot take before the repair instead of after it."""
     if trigger is not None and trigger.target >= spec.num_classes:
         raise UsageError(f"trigger target {trigger.target} is not a class of this {spec.num_classes}-class model")
     if isinstance(dataset_or_tensors, (tuple, list)):
         return
-    from .data import dataset_num_classes, find_columns
+    from .data import dataset_num_classes, find_columns, subset_indices
 
-    declared = dataset_num_classes(dataset_or_tensors)
+    ds = dataset_or_tensors
+    declared = dataset_num_classes(ds)
     if declared is not None and declared != spec.num_classes:
         raise UsageError(f"the dataset has {declared} classes but the model has {spec.num_classes}")
-    labels = dataset_or_tensors[find_columns(dataset_or_tensors)[1]]
+    label_col = find_columns(ds)[1]
+    idx = subset_indices(len(ds), limit)  # the rows evaluate() will read
+    labels = (ds.select(idx.tolist()) if idx is not None else ds)[label_col]
     try:
         values = [int(v) for v in labels]
     except (TypeError, ValueError):
-        raise UsageError("the dataset's label column does not hold integer class ids") from None
+        raise UsageError(f"label column '{label_col}' does not hold integer class ids") from None
     if values and (min(values) < 0 or max(values) >= spec.num_classes):
         raise UsageError(f"dataset labels span {min(values)}..{max(values)} but the model has {spec.num_classes} classes")
 

@@ -161,7 +161,7 @@ def _record_image_size(model: nn.Module, spec: Any, config_path: Path) -> None:
     except Exception:  # any doubt: keep the config as the source had it
         return
     if same:
-        data = json.loads(config_path.read_text())
+        data = read_json_object(config_path)
         data["image_size"] = changed.image_size
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -180,7 +180,7 @@ def test_an_evaluation_the_model_cannot_take_fails_before_the_repair(tmp_path, c
     src = timm_folder(tmp_path / "src")
     capsys.readouterr()  # the datasets progress bars of saving them
     cases = {
-        "trigger target": (["fashion_mnist", "badnets:target=10"], "trigger target 10 is not a class of this 10-class model"),
+        "trigger target": ([str(tmp_path / "plain"), "badnets:target=10"], "trigger target 10 is not a class of this 10-class model"),
         "declared classes": ([str(tmp_path / "wide"), "badnets:target=1"], "the dataset has 12 classes but the model has 10"),
         "label range": ([str(tmp_path / "plain"), "badnets:target=1"], "dataset labels span 0..10 but the model has 10 classes"),
     }

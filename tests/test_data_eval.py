@@ -245,3 +245,27 @@ def test_der_formula() -> None:
     assert der(before, before) == pytest.approx(50.0)
     with pytest.raises(UsageError):
         der(before, EvalResult(acc=1.0, asr=None, ra=None, n_clean=1, n_triggered=0))
+
+
+def test_the_early_check_reads_the_rows_evaluate_reads() -> None:
+    """check_evaluation (run before a repair) sees exactly the labels evaluate() will use: a
+    stray label outside the --eval-limit subset is no reason to refuse the run."""
+    from otbr_hub.data import subset_indices
+    from otbr_hub.evaluate import check_evaluation
+
+    spec = InputSpec(channels=1, height=8, width=8, mean=(0.5,), std=(0.5,), num_classes=10)
+    chosen = set(subset_indices(6, 3).tolist())
+    stray = next(i for i in range(6) if i not in chosen)
+    labels = [1] * 6
+    labels[stray] = 10
+    ds = datasets.Dataset.from_dict({"image": [np.zeros((8, 8), dtype=np.uint8)] * 6, "label": labels},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    check_evaluation(spec, ds, parse_trigger("badnets:target=2"), limit=3)
+    assert evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), spec, ds, None, limit=3).n_clean == 3
+    with pytest.raises(UsageError, match=r"labels span 1\.\.10 but the model has 10 classes"):
+        check_evaluation(spec, ds, None)
+    with pytest.raises(UsageError, match="trigger target 10"):
+        check_evaluation(spec, ds, parse_trigger("badnets:target=10"), limit=3)
+    strings = datasets.Dataset.from_dict({"image": [np.zeros((8, 8), dtype=np.uint8)] * 2, "label": ["a", "b"]})
+    with pytest.raises(UsageError, match="label column 'label' does not hold integer class ids"):
+        check_evaluation(spec, strings, None)
