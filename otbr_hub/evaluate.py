@@ -41,24 +41,21 @@ class EvalResult:
 
 
 def _as_tensors(data: Any, spec: InputSpec, limit: int | None) -> Tensors:
-    """Accept (x, y) tensors or a ``datasets.Dataset``; check labels against the model."""
+    """Accept (x, y) tensors or a ``datasets.Dataset`` (whose labels :func:`check_evaluation`
+    has checked before anything is decoded); check tensor labels and shapes against the model."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
         x, y = torch.as_tensor(x), torch.as_tensor(y).long()
         if limit is not None:
             x, y = x[:limit], y[:limit]
-        declared = None
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+            raise UsageError(
+                f"dataset labels span {int(y.min())}..{int(y.max())} but the model has {spec.num_classes} classes"
+            )
     else:
-        from .data import dataset_num_classes, to_tensors
+        from .data import to_tensors
 
-        declared = dataset_num_classes(data)
         x, y = to_tensors(data, spec, limit=limit)
-    if declared is not None and declared != spec.num_classes:
-        raise UsageError(f"the dataset has {declared} classes but the model has {spec.num_classes}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
-        raise UsageError(
-            f"dataset labels span {int(y.min())}..{int(y.max())} but the model has {spec.num_classes} classes"
-        )
     if x.dim() != 4 or tuple(x.shape[1:]) != (spec.channels, spec.height, spec.width):
         raise UsageError(
             f"images have shape {tuple(x.shape[1:])}, the model expects {(spec.channels, spec.height, spec.width)}"
@@ -82,9 +79,10 @@ def predict(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch_size: int 
 
 
 def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger | None, limit: int | None = None) -> None:
-    """The cheap part of :func:`evaluate`'s checks (trigger target, declared classes, the
-    labels of the rows ``limit`` selects; no image is decoded), so that the CLI can refuse a
-    dataset or trigger the model cannot take before the repair instead of after it."""
+    """The checks of :func:`evaluate` that need no image decoded: trigger target, declared
+    classes and the labels of the rows ``limit`` selects. ``evaluate`` runs them first, and
+    the CLI runs them before a repair, so that a dataset or trigger the model cannot take is
+    refused in seconds instead of after it."""
     if trigger is not None and trigger.target >= spec.num_classes:
         raise UsageError(f"trigger target {trigger.target} is not a class of this {spec.num_classes}-class model")
     if isinstance(dataset_or_tensors, (tuple, list)):
@@ -118,9 +116,8 @@ def evaluate(
 
     The model is put in eval mode for the measurement and its previous mode restored.
     """
+    check_evaluation(spec, dataset_or_tensors, trigger, limit)
     x, y = _as_tensors(dataset_or_tensors, spec, limit)
-    if trigger is not None and trigger.target >= spec.num_classes:
-        raise UsageError(f"trigger target {trigger.target} is not a class of this {spec.num_classes}-class model")
     with eval_mode(model):
         clean_pred = predict(model, spec, x, batch_size)
         acc = 100.0 * (clean_pred == y).float().mean().item() if y.numel() else 0.0
