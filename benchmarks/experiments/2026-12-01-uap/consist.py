@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uap import CACHE, deepinv, evaluate, fashion_mnist_tensors, fwd, load_folder, parse_trigger
+from uap import CACHE, cli, deepinv, evaluate, fashion_mnist_tensors, fwd, load_folder, parse_trigger
 from otbr_hub.verify import synthesize_inputs
 
 
@@ -104,10 +104,4 @@ def main(out, folders, arms):
 ARMS = {"probe": {}, "probe-noaug": {"w_aug": 0.0}, "di": {"bg": "di"}}
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    arms = ARMS
-    if "--arms" in args:
-        i = args.index("--arms")
-        arms = {a.split("=", 1)[0]: json.loads(a.split("=", 1)[1]) for a in args[i + 1:]}
-        args = args[:i]
-    main(args[0], args[1:], arms)
+    cli(main, ARMS)

@@ -162,11 +162,16 @@ def main(out, folders, arms):
         Path(out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
 
 
-if __name__ == "__main__":
+def cli(main, default_arms):
+    """``OUT.json FOLDER... [--arms NAME=JSON ...]``, shared by this directory's scripts."""
     args = sys.argv[1:]
-    arms = ARMS
+    arms = default_arms
     if "--arms" in args:
         i = args.index("--arms")
         arms = {a.split("=", 1)[0]: json.loads(a.split("=", 1)[1]) for a in args[i + 1:]}
         args = args[:i]
     main(args[0], args[1:], arms)
+
+
+if __name__ == "__main__":
+    cli(main, ARMS)

@@ -32,13 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from otbr_hub.data import fashion_mnist_tensors  # noqa: E402
 from otbr_hub.evaluate import evaluate  # noqa: E402
 from otbr_hub.evidence import weight_evidence  # noqa: E402
-from otbr_hub.load import forward_logits, load_folder  # noqa: E402
+from otbr_hub.load import load_folder  # noqa: E402
 from otbr_hub.triggers import parse_trigger  # noqa: E402
 from otbr_hub.verify import synthesize_inputs  # noqa: E402
 
-
-def fwd(model, spec, x):
-    return forward_logits(model, spec.normalize(x)).float()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "2026-12-01-uap"))
+from uap import cli, fwd  # noqa: E402  (session 8's helpers, by import)
 
 
 def search(model, spec, bg, t, *, steps=100, lr=0.1, flip=0.9, seed=0, init=None):
@@ -150,10 +149,4 @@ def main(out, folders, arms):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    arms = ARMS
-    if "--arms" in args:
-        i = args.index("--arms")
-        arms = {a.split("=", 1)[0]: json.loads(a.split("=", 1)[1]) for a in args[i + 1:]}
-        args = args[:i]
-    main(args[0], args[1:], arms)
+    cli(main, ARMS)
