@@ -114,10 +114,20 @@ def _sources(args: argparse.Namespace) -> list[str]:
         sources += _read_target_file(args.from_file)
     if not sources:
         raise UsageError("nothing to repair: give a model folder or Hub repo id, or --from-file")
-    unique = list(dict.fromkeys(sources))
+    first: dict[str, str] = {}
+    for source in sources:
+        first.setdefault(_source_key(source), source)
+    unique = list(first.values())
     if len(unique) < len(sources):
         log.warning("some sources were given more than once; each is repaired once")
     return unique
+
+
+def _source_key(source: str) -> str:
+    """What makes two spellings the same source: the real path of a local folder (``./m``,
+    ``m/``, a symlink), the repo id without timm's ``hf-hub:`` prefix."""
+    path = Path(source).expanduser()
+    return os.path.realpath(path) if path.exists() else source.removeprefix("hf-hub:")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -158,17 +168,16 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     if args.output:
         check_destination(args.output, overwrite=args.overwrite, source=source)
     evaluation = _prepare_eval(args)
-    if publishing:  # a missing or read-only token should cost seconds, not a whole repair
-        from .push import check_can_publish
+    if args.revision:
+        source = _with_revision(source, args.revision)
+    if publishing:  # a missing token or a refused destination should cost seconds, not a whole repair
+        from .push import check_publication
 
-        check_can_publish()
+        check_publication(source, repo_id=args.repo_id, pr=args.pr, private=args.private)
     say = (lambda *a: None) if args.quiet else print
     bars = StageBars() if bars_wanted(args.quiet) else None
 
     t0 = time.perf_counter()
-    if args.revision and Path(source).expanduser().exists():
-        raise UsageError(f"--revision applies to Hub sources; {source} is a local path")
-    source = source if not args.revision else f"{source}@{args.revision}"
     try:
         loaded, load_s = _load_for_eval(source, evaluation, bars)
         result = repair(loaded, settings, progress=bars)
@@ -212,6 +221,18 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     return 0
 
 
+def _with_revision(source: str, revision: str) -> str:
+    """``source@revision`` for ``--revision``, refused for a local path or a source that already pins one."""
+    from .fetch import is_repo_id, parse_source
+
+    if Path(source).expanduser().exists() or not is_repo_id(source):
+        raise UsageError(f"--revision applies to Hub sources; {source} is a local path")
+    pinned = parse_source(source).revision
+    if pinned:
+        raise UsageError(f"{source} already pins revision {pinned}; drop --revision {revision} or the @{pinned}")
+    return f"{source}@{revision}"
+
+
 def _command(args: argparse.Namespace) -> str:
     return " ".join(["otbr-hub", *(shlex.quote(a) for a in args.argv)])
 
@@ -252,7 +273,9 @@ def _check_parent_output(out: Path, names: list[str], overwrite: bool, sources: 
         raise UsageError(f"the parent folder of {out} does not exist")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
-    from .save import would_replace
+    from .save import check_writable, would_replace
+
+    check_writable(out if out.is_dir() else out.parent)
 
     for name, src in zip(names, sources):
         if would_replace(out / name, src):
@@ -276,9 +299,10 @@ def _repair_many(args: argparse.Namespace, sources: list[str], settings: RepairS
         _check_parent_output(out_root, names, args.overwrite, sources)
     evaluation = _prepare_eval(args)
     if publishing:
-        problem = procs.broadcast(_publish_problem() if procs.is_main else None)
+        problem = procs.broadcast(_publish_problem(args, sources) if procs.is_main else None)
         if problem:
-            raise OtbrError(problem)
+            usage, message = problem
+            raise (UsageError if usage else OtbrError)(message)
     mine = procs.share(sources)
     log.info("%d of %d sources for this process", len(mine), len(sources))
     if out_root is not None and mine:
@@ -311,14 +335,15 @@ def _repair_many(args: argparse.Namespace, sources: list[str], settings: RepairS
     return 2 if failed else 0
 
 
-def _publish_problem() -> str | None:
-    """Why publishing cannot work (token, permissions), or None; checked once, by the main process."""
-    from .push import check_can_publish
+def _publish_problem(args: argparse.Namespace, sources: Sequence[str]) -> tuple[bool, str] | None:
+    """Why publishing some source cannot work (options, token, destination) as ``(usage
+    error?, message)``, or None; checked once, by the main process, before any repair."""
+    from .push import check_publication
 
     try:
-        check_can_publish()
+        check_publication(sources, pr=args.pr, private=args.private)
     except OtbrError as err:
-        return str(err)
+        return isinstance(err, UsageError), str(err)
     return None
 
 

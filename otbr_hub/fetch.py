@@ -30,7 +30,7 @@ log = logging.getLogger("otbr_hub")
 
 T = TypeVar("T")
 
-_REPO_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[^\s]+)?$")
+_REPO_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[^\s@]+)?$")
 
 # Waits between attempts when the Hub rate-limits or the network drops; the number of
 # entries is the number of retries. Module-level so tests can shorten it.
@@ -241,9 +241,10 @@ def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: st
                "check the connection and run again (files already downloaded stay in the cache)")
     elif _is_network(err):
         listing = repo_id.startswith("the model list")  # a query has no cached answer to fall back on
-        msg = (f"cannot reach the Hub at {ctx.base_url} ({type(next(e for e in kinds if _is_network(e))).__name__}); "
-               + ("check the connection (listing models needs the Hub; HF_HUB_OFFLINE cannot help)" if listing
-                  else "check the connection, or set HF_HUB_OFFLINE=1 to use cached models"))
+        advice = ("check the connection (publishing needs the Hub)" if writing
+                  else "check the connection (listing models needs the Hub; HF_HUB_OFFLINE cannot help)" if listing
+                  else "check the connection, or set HF_HUB_OFFLINE=1 to use cached models")
+        msg = f"cannot reach the Hub at {ctx.base_url} ({type(next(e for e in kinds if _is_network(e))).__name__}); {advice}"
     elif status is not None:
         msg = f"Hub request for {repo_id} failed with HTTP {status}: {server}"
     else:

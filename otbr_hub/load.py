@@ -425,6 +425,8 @@ def load_folder(path: str | Path, *, source: str | None = None, revision: str | 
     """Load a timm or transformers image classifier saved in ``path``, in fp32 for computing."""
     folder = Path(path)
     if not folder.exists():
+        if "@" in str(path):  # ``user/model@`` or ``user/model@a@b``: a repo id gone wrong, not a path
+            raise UnsupportedModelError(f"{path} is neither a folder nor a Hub repo id like 'user/model[@revision]'")
         raise UnsupportedModelError(f"{path} does not exist")
     if not folder.is_dir():
         raise UnsupportedModelError(f"{path} is not a folder")

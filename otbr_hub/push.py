@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from .card import render_card, render_pr_description, source_label
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
-from .fetch import HubContext, call_hub, hub_context, is_repo_id, source_readme
+from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, source_readme
 from .load import load_folder, read_json_object
 from .save import save_model
 from .verify import compare_state_dicts, verify
@@ -62,6 +62,30 @@ def check_can_publish(token: str | None = None, endpoint: str | None = None) -> 
     Meant to run before a long repair so a missing token costs seconds, not the whole run.
     """
     return _whoami(hub_context(token, endpoint))[0]
+
+
+def check_publication(sources: str | Sequence[str], *, repo_id: str | None = None, pr: bool = False,
+                      private: bool = False, token: str | None = None, endpoint: str | None = None) -> str:
+    """Everything about publishing ``sources`` (one or several) that can be checked before the
+    repair: the options fit together, a pull request has a Hub repo to go to, and each push
+    has a destination that is not its source and that the token may write to. Returns the
+    account name; raises :class:`UsageError` or :class:`HubError` with the reason."""
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    hub = {s: is_repo_id(s) and not Path(s).expanduser().exists() for s in sources}
+    if pr:
+        if repo_id:
+            raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
+        if private:
+            raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
+        for s in sources:
+            if not hub[s]:
+                raise UsageError(f"--pr needs a source on the Hub (user/model); {s} is a local folder with no repo to propose to")
+    user, namespaces = _whoami(hub_context(token, endpoint))
+    if not pr:
+        for s in sources:
+            source_repo = parse_source(s).repo_id if hub[s] else None
+            _check_destination(_destination_name(s, repo_id, user), source_repo, namespaces)
+    return user
 
 
 def _whoami(ctx: HubContext) -> tuple[str, set[str]]:
@@ -159,16 +183,26 @@ def _report_bytes(report: dict[str, Any], ctx: HubContext) -> bytes:
     return ctx.redact(json.dumps(report, indent=2, default=str)).encode()
 
 
+def _destination_name(source: str, repo_id: str | None, user: str) -> str:
+    """``repo_id`` or ``<source name>-otbr``, under ``user`` when it names no namespace."""
+    dest = repo_id or default_repo_name(source)
+    return dest if "/" in dest else f"{user}/{dest}"
+
+
+def _check_destination(dest: str, source_repo: str | None, namespaces: set[str]) -> None:
+    """A push never goes to the source repo and only to a namespace the token can write to;
+    Hub names compare without case (``User/Model`` is ``user/model``)."""
+    if source_repo and dest.lower() == source_repo.lower():
+        raise UsageError(f"{dest} is the source repo; otbr-hub never writes to it directly (use --pr to propose the change)")
+    if dest.split("/", 1)[0].lower() not in {n.lower() for n in namespaces}:
+        raise HubError(f"no write permission on {dest}: this token can write to {', '.join(sorted(namespaces))} only")
+
+
 def _destination(result: Any, repo_id: str | None, user: str, namespaces: set[str]) -> str:
     """Where ``--push`` writes: ``repo_id`` or ``<user>/<source name>-otbr``, checked up front."""
     source = result.source
-    dest = repo_id or default_repo_name(source.source)
-    if "/" not in dest:
-        dest = f"{user}/{dest}"
-    if source.revision and dest == source.source:
-        raise UsageError(f"{dest} is the source repo; otbr-hub never writes to it directly (use --pr to propose the change)")
-    if dest.split("/", 1)[0] not in namespaces:
-        raise HubError(f"no write permission on {dest}: this token can write to {', '.join(sorted(namespaces))} only")
+    dest = _destination_name(source.source, repo_id, user)
+    _check_destination(dest, source.source if source.revision else None, namespaces)
     return dest
 
 
@@ -294,6 +328,8 @@ def publish(result: Any, report_dict: dict[str, Any], *, repo_id: str | None = N
     """
     if pr and repo_id:
         raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
+    if pr and private:
+        raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
     if result.source.library not in ("timm", "transformers"):
         raise UnsupportedModelError("only timm and transformers models can be published (a plain torch module has no config)")
     ctx = hub_context(token, endpoint)

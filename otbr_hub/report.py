@@ -594,6 +594,29 @@ def render(report: ScanReport, fmt: str) -> str:
     raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
 
 
+def is_report_text(text: str) -> bool:
+    """Whether ``text`` is a report that ``render`` wrote: JSON with this tool's name and schema
+    version, SARIF whose driver is this tool, or Markdown/console text under this tool's title.
+    Mentioning otbr-hub is not enough: a repaired model's README does that too."""
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except ValueError:
+            return False
+        if not isinstance(data, dict):
+            return False
+        if data.get("tool") == TOOL_NAME and "schema_version" in data and "targets" in data:
+            return True
+        runs = data.get("runs")
+        if data.get("version") != "2.1.0" or not isinstance(runs, list) or not runs:
+            return False
+        driver = (runs[0].get("tool") or {}).get("driver") if isinstance(runs[0], dict) else None
+        return isinstance(driver, dict) and driver.get("name") == TOOL_NAME
+    first = stripped.splitlines()[0].strip() if stripped else ""
+    return first in ("## otbr-hub scan", "otbr-hub scan")
+
+
 def _write_atomically(target: Path, text: str) -> None:
     """Write a temporary sibling and move it into place, so a reader never sees half a report."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -656,6 +679,7 @@ __all__ = [
     "to_markdown",
     "to_console",
     "render",
+    "is_report_text",
     "write_report",
     "tool_version",
     "json_schema",

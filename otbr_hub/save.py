@@ -230,20 +230,19 @@ def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, ex
     check_savable(source)
     out = check_destination(out_dir, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         write_folder(source, model, tmp, extra_files, max_shard_size=max_shard_size)
         _shareable(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except OtbrError:
+        os.replace(tmp, out)
+    except BaseException as err:  # Ctrl-C too: no hidden half-written copy stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # interrupted between the two moves: the earlier output comes back
+        if isinstance(err, OtbrError) or not isinstance(err, Exception):
+            raise
         raise OtbrError(f"could not save the model to {out_dir}: {err}") from None
+    shutil.rmtree(old, ignore_errors=True)
     return out

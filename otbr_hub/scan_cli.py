@@ -226,18 +226,21 @@ def _check_not_scanned(output: str, target: Path, targets: Sequence[str], from_f
 
 
 def _earlier_report(path: Path) -> bool:
-    """A report an earlier scan wrote (its text names otbr-hub near the top, and it is not a
-    file a model loads), which a rerun may replace: ``scan models/ -o models/scan.json`` twice."""
+    """A report an earlier scan wrote, which a rerun may replace (``scan models/ -o
+    models/scan.json`` twice); any other file of a scanned folder, such as a model card that
+    mentions otbr-hub, is not one."""
     from .inspect import is_weight_file
+    from .report import is_report_text
 
     if is_weight_file(path) or path.name.lower().endswith("config.json"):
         return False
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096).decode("utf-8")
+        if path.stat().st_size > 64 * 2**20:  # far larger than any report this tool writes
+            return False
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    return "otbr-hub" in head
+    return is_report_text(text)
 
 
 def _append_step_summary(markdown: str) -> None:

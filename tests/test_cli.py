@@ -238,6 +238,31 @@ def test_non_empty_output_is_not_overwritten(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_interrupted_save_leaves_no_copy_and_keeps_the_earlier_output(tmp_path, monkeypatch):
+    """Ctrl-C while the weights are written: no hidden temporary folder stays behind, and
+    with ``--overwrite`` the earlier output is still there, whole."""
+    import pytest
+
+    from otbr_hub import save
+
+    src = load_folder(timm_folder(tmp_path / "src"))
+    out = save.save_model(src, src.model, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_write = save.write_folder
+
+    def interrupted(*args, **kwargs):
+        real_write(*args, **kwargs)  # the files are there, half the job done
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(save, "write_folder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save.save_model(src, src.model, tmp_path / "out", overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        save.save_model(src, src.model, tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_console_script_runs_as_a_process(tmp_path):
     """The installed entry point: a real process, no traceback on bad input."""
     proc = subprocess.run([sys.executable, "-m", "otbr_hub", "repair", str(tmp_path), "--output", str(tmp_path / "o")],

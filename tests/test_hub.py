@@ -34,6 +34,7 @@ from otbr_hub.errors import HubError, OtbrError, UnsupportedModelError
 from otbr_hub.fetch import load_source, parse_source
 from otbr_hub.load import from_model, load_folder
 from otbr_hub.push import publish, push_to_hub, verify_saved
+from otbr_hub.repair import load_any
 from otbr_hub.save import save_model
 from hubserver import HubServer
 from tiny import timm_folder, tiny_timm, tiny_vit, transformers_folder
@@ -104,6 +105,10 @@ def test_parse_source() -> None:
     assert parse_source("hf-hub:alice/resnet") == fetch.SourceRef("alice/resnet", None, timm_prefix=True)
     assert parse_source("alice/vit@" + "a" * 40).revision == "a" * 40
     assert not fetch.is_repo_id("./alice/vit") and not fetch.is_repo_id("vit")
+    for bad in ("alice/vit@", "alice/vit@@v1", "alice/vit@v1@v2"):  # an empty or doubled revision is no repo id
+        assert not fetch.is_repo_id(bad), bad
+        with pytest.raises(OtbrError, match="neither a folder nor a Hub repo id"):
+            load_any(bad)
 
 
 def test_sharded_save_loads_back_and_downloads(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
@@ -494,6 +499,8 @@ def test_hub_errors_are_one_line(hub_server: HubServer, tmp_path: Path, monkeypa
         "network down": (["alice/resnet"], tokens.read, "cannot reach the Hub", lambda: monkeypatch.setenv("HF_ENDPOINT", dead)),
         "offline, not cached": (["alice/resnet"], None, "not in the cache", lambda: monkeypatch.setenv("HF_HUB_OFFLINE", "1")),
         "push with a read token": (["alice/resnet", "--push"], tokens.read, "no write permission", None),
+        "push, network down": (["alice/resnet", "--push"], tokens.write, "publishing needs the Hub",
+                               lambda: monkeypatch.setenv("HF_ENDPOINT", dead)),
     }
     for i, (name, (args, token, expected, setup)) in enumerate(cases.items()):
         use_hub(monkeypatch, hub_server, tmp_path / f"cache-{i}", token=token)
@@ -508,6 +515,35 @@ def test_hub_errors_are_one_line(hub_server: HubServer, tmp_path: Path, monkeypa
         for secret in (tokens.read, tokens.write, tokens.other, tokens.invalid):
             assert secret not in out + err, name
     assert "alice/resnet-otbr" not in hub_server.repo_ids()
+
+
+def test_publication_problems_are_refused_before_any_download(hub_server: HubServer, tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    """A destination or option the publication cannot use fails in seconds, before the model
+    is fetched or repaired, and nothing is written anywhere."""
+    seed_timm(hub_server, tmp_path)
+    local = timm_folder(tmp_path / "local")
+    tokens = hub_server.tokens
+    cases = {
+        "--pr on a local folder": ([str(local), "--pr"], tokens.write, "--pr needs a source on the Hub"),
+        "--pr with --repo-id": (["alice/resnet", "--pr", "--repo-id", "alice/x"], tokens.write, "--repo-id names"),
+        "--pr with --private": (["alice/resnet", "--pr", "--private"], tokens.write, "--private applies to --push"),
+        "push into another namespace": (["alice/resnet", "--push", "--repo-id", "alice/copy"], tokens.other,
+                                        "no write permission on alice/copy"),
+        "push onto the source, other case": (["alice/resnet", "--push", "--repo-id", "Alice/ResNet"], tokens.write,
+                                             "is the source repo"),
+        "two revisions": (["alice/resnet@main", "--revision", "v2", "--push"], tokens.write, "already pins revision main"),
+        "several, one local with --pr": (["alice/resnet", str(local), "--pr"], tokens.write, "--pr needs a source on the Hub"),
+    }
+    for i, (name, (args, token, expected)) in enumerate(cases.items()):
+        use_hub(monkeypatch, hub_server, tmp_path / f"cache-{i}", token=token)
+        hub_server.requests.clear()
+        code, out, err = cli(["repair", *args, *FAST], capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], (name, err)
+        assert weight_gets(hub_server) == [], name  # refused before the model was fetched
+        assert not any(r.method in ("POST", "PUT") for r in hub_server.requests), name
+    assert sorted(hub_server.repo_ids()) == ["alice/resnet"] and hub_server.discussions("alice/resnet") == []
 
 
 # ----- card ---------------------------------------------------------------------------------------------------

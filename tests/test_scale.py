@@ -144,6 +144,22 @@ def test_several_sources_never_write_over_a_source(tmp_path, capsys) -> None:
     assert {p: p.read_bytes() for p in [*a.iterdir(), *b.iterdir()]} == before
 
 
+def test_several_sources_check_the_output_and_repair_each_folder_once(models, tmp_path, capsys, caplog) -> None:
+    """An unwritable parent is a one-line error before any work; one folder under two
+    spellings (``x`` and ``x/``, a symlink) is one source."""
+    code, _, err = run(["repair", str(models[0]), str(models[1]), "-o", "/proc/otbr-out", "--device", "cpu", *FAST], capsys)
+    assert code == 2 and "cannot write to /proc" in err and len(err.strip().splitlines()) == 1
+    link = tmp_path / "alias"
+    link.symlink_to(models[0])
+    out = tmp_path / "out"
+    code, stdout, err = run(["repair", str(models[0]), f"{models[0]}/", str(link), str(models[1]), "-o", str(out),
+                             "--device", "cpu", *FAST], capsys)
+    assert code == 0, err
+    assert "given more than once" in caplog.text
+    summary = json.loads((out / "repair_summary.json").read_text())
+    assert [r["source"] for r in summary["results"]] == [str(models[0]), str(models[1])]
+
+
 def test_several_sources_refuse_a_single_destination(models, capsys) -> None:
     code, _, err = run(["repair", str(models[0]), str(models[1]), "--push", "--repo-id", "me/x", *FAST], capsys)
     assert code == 2 and "--repo-id" in err

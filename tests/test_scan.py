@@ -718,6 +718,19 @@ def test_output_that_is_a_scanned_file_is_refused_before_scanning(folders, tmp_p
     notes.write_text("my notes")
     code, _, err = run(["scan", str(victim), "-o", str(notes), "--format", "markdown", "-q"], capsys)
     assert code == 4 and "inside the scanned folder" in err and notes.read_text() == "my notes"
+    # a repaired model's card names otbr-hub near the top, yet it is not a report
+    card = victim / "README.md"
+    card.write_text("---\nlibrary_name: timm\ntags: [otbr-hub]\n---\n# Repaired with otbr-hub\n")
+    card_text = card.read_text()
+    for fmt in ("json", "markdown", "sarif", "console"):
+        code, _, err = run(["scan", str(victim), "-o", str(card), "--format", fmt, "-q"], capsys)
+        assert code == 4 and "inside the scanned folder" in err and card.read_text() == card_text, fmt
+    # every format's earlier report is recognised as one
+    for fmt in ("markdown", "sarif", "console"):
+        report = victim / f"scan.{fmt}"
+        for _ in range(2):
+            code, _, err = run(["scan", str(victim), "-o", str(report), "--format", fmt, "-q"], capsys)
+            assert code == 3, (fmt, err)
 
 
 def test_output_dash_is_standard_output(folders, tmp_path, capsys, monkeypatch) -> None:
