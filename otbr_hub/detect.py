@@ -339,6 +339,7 @@ class _Passes:
             self.hook(self.STAGE, min(self.done, self.total), self.total)
 
 
+@torch.enable_grad()  # gradients on the inputs, even for a caller inside torch.no_grad()
 def _search(
     model: nn.Module,
     spec: InputSpec,
@@ -595,6 +596,7 @@ def _initial_patterns(classes: list[int], shape: tuple[int, int, int], seed: int
     return out
 
 
+@torch.enable_grad()  # gradients on the inputs, even for a caller inside torch.no_grad()
 def _trigger_search(
     model: nn.Module,
     spec: InputSpec,

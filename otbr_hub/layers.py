@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, UsageError
 from .settings import RepairSettings
 
 _SHORTCUT = re.compile(r"(^|\.)(downsample|shortcut|skip|residual_proj|shortcut_conv)(\.|$)")
@@ -174,6 +174,7 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
     exc = re.compile(settings.exclude) if settings.exclude else None
     modules = list(model.named_modules())
     layers: list[Layer] = []
+    filtered = 0  # layers the include/exclude patterns left out, for the error below
     stem = next((n for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     for idx, (name, mod) in enumerate(modules):
         if isinstance(mod, nn.Conv2d):
@@ -188,9 +189,8 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
             continue
         if settings.skip_stem and name == stem:
             continue
-        if inc and not inc.search(name):
-            continue
-        if exc and exc.search(name):
+        if (inc and not inc.search(name)) or (exc and exc.search(name)):
+            filtered += 1
             continue
         layer = Layer(name=name, module=mod, kind=kind)
         for nname, nmod in modules[idx + 1 :]:
@@ -200,6 +200,10 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
                 layer.norm_name, layer.norm = nname, nmod
                 break
         layers.append(layer)
+    if not layers and filtered:
+        patterns = " and ".join(f"{flag} '{p}'" for flag, p in (("--include", settings.include),
+                                                                ("--exclude", settings.exclude)) if p)
+        raise UsageError(f"{patterns} left none of the model's {filtered} scorable layers to score")
     if not layers:
         raise UnsupportedModelError(
             "the model has no supported layer to repair (no Conv2d/Linear with its own weight parameter outside the "

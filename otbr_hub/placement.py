@@ -4,6 +4,7 @@ gives each process its own GPU; OT solves always stay on the CPU in float64."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
@@ -47,6 +48,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+log = logging.getLogger("otbr_hub")
+
 CPU_ACTIVATION_BUDGET = 192 * 2**20
 """Bytes of layer outputs one pass may hold on a CPU. Importing torch alone takes about
 0.7 GB of RSS and a repair holds up to three copies of the weights, so this keeps resnet50 at
@@ -55,7 +58,9 @@ outputs), two under bfloat16 (66 MB each; at 256 MB it took three and peaked at 
 against the 1.81 GB budget); measured in ``benchmarks/SPEED_NOTES.md``."""
 
 GPU_ACTIVATION_SHARE = 0.25
-"""Share of the GPU's free memory (at the first pass) that one pass may hold."""
+"""Share of the GPU's total memory that one pass may hold (of its free memory when less is
+free). Total, not free, memory sets it so that the same seed on the same kind of GPU gives
+the same slices, hence the same BatchNorm batch statistics and the same weights."""
 
 
 def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | None = None,
@@ -96,14 +101,22 @@ def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None
     on a CPU (two under bfloat16, whose activations are half the size)."""
     from .load import model_device
 
+    gpu = False
     if budget is None:
         device = model_device(model)
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * GPU_ACTIVATION_SHARE)
+            gpu = True
+            free, total = torch.cuda.mem_get_info(device)
+            budget = int(total * GPU_ACTIVATION_SHARE)
+            if free * GPU_ACTIVATION_SHARE * 2 < budget:  # a busy GPU: fit what is free, reproducibly or not
+                budget = int(free * GPU_ACTIVATION_SHARE * 2)
+                log.warning("only %.1f of %.1f GiB of GPU memory is free: noise slices are sized by it, so a rerun may "
+                            "use other slices (set unlearn_chunk / --unlearn-chunk for the same weights every time)",
+                            free / 2**30, total / 2**30)
         else:
             budget = CPU_ACTIVATION_BUDGET
-    return max(1, int(budget // activation_bytes_per_image(model, spec, side, precision)))
+    fit = max(1, int(budget // activation_bytes_per_image(model, spec, side, precision)))
+    return 1 << (fit.bit_length() - 1) if gpu else fit  # a power of two: the same on GPUs whose budgets differ a little
 
 
 PRECISIONS = ("fp32", "bf16", "auto")

@@ -216,7 +216,8 @@ def repair(
     spec = loaded.spec
     device = resolve_device(settings.device)
 
-    with _seeded(settings.seed, device), _working_model(loaded.model, device) as work:
+    # enable_grad: a caller inside torch.no_grad() must not break unlearning or the probes
+    with torch.enable_grad(), _seeded(settings.seed, device), _working_model(loaded.model, device) as work:
         check_forward(work, spec)
         layers = select_layers(work, settings)
         with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
@@ -317,7 +318,7 @@ def repair(
         timings={k: round(v, 3) for k, v in t.times.items()},
         scan_before=scan_before,
         scan_after=scan_after,
-        warnings=[w for w in (low_agreement_warning(check.agreement),) if w],
+        warnings=[w for w in (low_agreement_warning(check.agreement), _no_fusion_warning(lam, pr.k, cr)) if w],
     )
     for warning in report.warnings:
         log.warning("warning: %s: %s", loaded.source, warning)
@@ -327,6 +328,15 @@ def repair(
 
         publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
     return result
+
+
+def _no_fusion_warning(lam: float, pruned: int, clip: ClipResult) -> str | None:
+    """Lambda 0 gives the pruned model no weight: the neurons counted as pruned change nothing."""
+    if lam > 0 or not pruned:
+        return None
+    rest = ("only the activation bounds changed the model" if clip.applied
+            else "the repaired model is the original, unchanged")
+    return f"lambda 0 gives the pruned model no weight in the fusion, so the {pruned} pruned neurons change nothing: {rest}"
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .layers import Layer
-from .settings import RepairSettings
+from .errors import OtbrError
+from .settings import RepairSettings, flag_of
 
 
 @dataclass
@@ -61,6 +62,9 @@ def neuron_weight_change(original: nn.Module, unlearned: nn.Module, layers: list
         w0 = _weights(layer.module)
         w1 = _weights(after[layer.name])
         change = (w1 - w0).abs().sum(1)
+        if not torch.isfinite(change).all():
+            raise OtbrError(f"unlearning left non-finite weights in {layer.name}: it diverged; a smaller "
+                            f"{flag_of('unlearn_lr')} (now {settings.unlearn_lr:g}) keeps it finite")
         nwc[layer.name] = change
         if settings.ranking == "global":
             rank[layer.name] = change

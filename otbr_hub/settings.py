@@ -134,6 +134,7 @@ class RepairSettings:
         self._check_types()
         if self.preset not in PRESETS:
             raise UsageError(f"unknown preset '{self.preset}' (choose from {', '.join(PRESETS)})")
+        self._check_preset_applied()
         if isinstance(self.prune_ratio, str):
             if self.prune_ratio != "auto":
                 try:
@@ -178,10 +179,23 @@ class RepairSettings:
             raise _bad("precision", f"must be fp32, bf16 or auto, got '{self.precision}'")
         if not 0 < self.fallback_ratio < 1:
             raise _bad("fallback_ratio", f"must be in (0, 1), got {self.fallback_ratio}")
-        for r in self.grid():
+        grid = self.grid()
+        if not grid:
+            raise _bad("ratio_grid", "must list at least one ratio")
+        for r in grid:
             if not 0 < r < 1:
                 raise _bad("ratio_grid", f"values must be in (0, 1), got {r}")
         return self
+
+    def _check_preset_applied(self) -> None:
+        """``RepairSettings(preset="paper")`` only names the preset: the fields keep the class
+        defaults. When none of the preset's own values is there, it was not applied, and the
+        report would name settings that did not run; :func:`preset` applies it."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        own = {k: v for k, v in PRESETS[self.preset].items() if k != "preset" and v != defaults[k]}
+        if own and all(getattr(self, k) == defaults[k] for k in own):
+            raise UsageError(f"RepairSettings(preset='{self.preset}') names the preset without applying it; "
+                             f"use otbr_hub.preset('{self.preset}', ...) or repair(model, preset='{self.preset}')")
 
     def _check_types(self) -> None:
         """Each field against its annotation: ``int`` (not bool), ``float`` (an int or float,

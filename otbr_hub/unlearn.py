@@ -4,6 +4,7 @@ and random labels; only the *change* it causes in each neuron's weights is used 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .load import InputSpec, forward_logits, uses_channels_last
+from .load import InputSpec, eval_mode, forward_logits, model_device, uses_channels_last
 from .placement import gradient_precision, images_per_pass
-from .settings import RepairSettings
+from .errors import OtbrError, UsageError
+from .settings import RepairSettings, flag_of
 
 
 @dataclass
@@ -57,33 +59,62 @@ def unlearn(
         # on a 2-core CPU (9.2 -> 11.8 images/s); the update values are the same up to rounding
         work = work.to(memory_format=torch.channels_last)
     work.train(settings.unlearn_train_mode)
-    params = [p for p in work.parameters() if p.requires_grad]
+    # Every weight of the copy moves, frozen or not: a layer the caller froze for fine-tuning
+    # can still carry the backdoor, and a weight that cannot change would score NWC 0.
+    work.requires_grad_(True)
+    params = list(work.parameters())
     opt = torch.optim.SGD(params, lr=settings.unlearn_lr, momentum=settings.unlearn_momentum, weight_decay=0.0)
     gen = torch.Generator().manual_seed(settings.seed)
     n_labels = spec.num_classes - 1 if settings.label_off_by_one and spec.num_classes > 1 else spec.num_classes
     side = settings.noise_size
+    if side is not None:
+        _check_noise_size(work, spec, side)
     chunk = settings.unlearn_chunk or images_per_pass(work, spec, side, precision=settings.precision)
     n = settings.unlearn_batch
     first = last = float("nan")
-    for step in range(settings.unlearn_steps):
-        x = noise_batch(spec, n, gen, side, settings.normalize_noise)
-        y = torch.randint(0, n_labels, (n,), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, n, chunk):
-            xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
-            with gradient_precision(settings.precision, device, spec):
-                logits = forward_logits(work, xs).float()
-            # one slice: the plain mean, bit-identical to an unsliced step
-            loss = F.cross_entropy(logits, ys) if chunk >= n else F.cross_entropy(logits, ys, reduction="sum") / n
-            (-loss).backward()
-            total += float(loss.detach())
-        opt.step()
-        last = total
-        if step == 0:
-            first = last
-        if progress is not None:
-            progress("unlearn", step + 1, settings.unlearn_steps)
+    with torch.enable_grad():  # a caller inside torch.no_grad() still gets gradients here
+        for step in range(settings.unlearn_steps):
+            first, last = _step(work, opt, spec, settings, gen, n, n_labels, side, chunk, device, step, first)
+            if progress is not None:
+                progress("unlearn", step + 1, settings.unlearn_steps)
     work.eval()
     return UnlearnResult(model=work, steps=settings.unlearn_steps, first_loss=first, last_loss=last,
                          images_per_pass=min(chunk, n))
+
+
+def _step(work: nn.Module, opt: torch.optim.Optimizer, spec: InputSpec, settings: RepairSettings,
+          gen: torch.Generator, n: int, n_labels: int, side: int | None, chunk: int, device: torch.device,
+          step: int, first: float) -> tuple[float, float]:
+    """One gradient-ascent step over a batch of ``n`` noise images, in slices of ``chunk``;
+    returns (first step's loss, this step's loss)."""
+    x = noise_batch(spec, n, gen, side, settings.normalize_noise)
+    y = torch.randint(0, n_labels, (n,), generator=gen)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(0, n, chunk):
+        xs, ys = x[i : i + chunk].to(device), y[i : i + chunk].to(device)
+        with gradient_precision(settings.precision, device, spec):
+            logits = forward_logits(work, xs).float()
+        # one slice: the plain mean, bit-identical to an unsliced step
+        loss = F.cross_entropy(logits, ys) if chunk >= n else F.cross_entropy(logits, ys, reduction="sum") / n
+        (-loss).backward()
+        total += float(loss.detach())
+    if not math.isfinite(total):
+        raise OtbrError(f"unlearning diverged at step {step + 1} (loss {total}); a smaller "
+                        f"{flag_of('unlearn_lr')} (now {settings.unlearn_lr:g}) keeps it finite")
+    opt.step()
+    return (total if step == 0 else first), total
+
+
+def _check_noise_size(work: nn.Module, spec: InputSpec, side: int) -> None:
+    """One forward pass at ``side`` pixels: a ViT with a fixed patch grid refuses other sizes,
+    and that should be a one-line settings error, not the model's own assertion."""
+    x = noise_batch(spec, 2, torch.Generator().manual_seed(0), side).to(model_device(work))
+    try:
+        with eval_mode(work), torch.no_grad():
+            forward_logits(work, x)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        lines = str(err).strip().splitlines()
+        why = (lines[0] if lines else type(err).__name__)[:200]
+        raise UsageError(f"noise_size ({flag_of('noise_size')}) {side}: the model does not take {side}x{side} inputs "
+                         f"({why}); leave it unset to use {spec.height}x{spec.width}") from None

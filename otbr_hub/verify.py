@@ -45,6 +45,7 @@ class Verification:
         return {"ok": self.ok, "agreement": self.agreement, "problems": self.problems}
 
 
+@torch.enable_grad()  # gradients on the inputs, even for a caller inside torch.no_grad()
 def synthesize_inputs(model: nn.Module, spec: InputSpec, n: int, seed: int = 0, steps: int = 10, lr: float = 0.1,
                       chunk: int | None = None, precision: str = "fp32") -> torch.Tensor:
     """Inputs the *original* model assigns to each class in turn, with no data needed.

@@ -305,3 +305,16 @@ def test_scan_takes_detect_settings_directly_and_refuses_other_types():
         otbr_hub.scan(model, settings={"steps": 5})
     with pytest.raises(UsageError, match="type int"):
         otbr_hub.scan(42)
+
+
+def test_scan_inside_no_grad_with_a_frozen_model_gives_the_same_answer():
+    """Inference code often runs under ``torch.no_grad()`` with frozen weights; the margin
+    search optimises its inputs, so it must get gradients anyway, and answer the same."""
+    quick = DetectSettings(steps=5, inputs_per_class=2, device="cpu")
+    plain = otbr_hub.scan(tiny_timm(), settings=quick, **MNIST).targets[0]
+    model = tiny_timm().requires_grad_(False)
+    with torch.no_grad():
+        frozen = otbr_hub.scan(model, settings=quick, **MNIST).targets[0]
+    assert frozen.error is None and frozen.verdict == plain.verdict
+    assert frozen.backdoor.p_value == plain.backdoor.p_value
+    assert not any(p.requires_grad for p in model.parameters())

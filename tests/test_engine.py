@@ -4,6 +4,7 @@ out by hand, determinism, dtypes, and end-to-end repair of timm/transformers mod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import math
 
@@ -14,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otbr_hub.errors import UsageError
+from otbr_hub.errors import OtbrError, UsageError
 from otbr_hub.fuse import fuse, target_mass
 from otbr_hub.layers import Layer, classifier_name, select_layers
 from otbr_hub.load import from_model
 from otbr_hub.prune import prune, top_neurons
 from otbr_hub.repair import repair
 from otbr_hub.score import Scores, neuron_weight_change
-from otbr_hub.settings import preset
+from otbr_hub.settings import RepairSettings, preset
 from otbr_hub.unlearn import unlearn
 
 repair_mod = importlib.import_module("otbr_hub.repair")  # the package re-exports a function of that name
@@ -666,7 +667,9 @@ def test_low_agreement_is_reported_as_a_warning(caplog):
     assert rep.verification["agreement"] < LOW_AGREEMENT
     assert rep.warnings == [low_agreement_warning(rep.verification["agreement"])]
     assert rep.to_dict()["warnings"] == rep.warnings and any("disagrees" in r.message for r in caplog.records)
-    assert repair(model, prune_ratio=0.5, lam=0.0, **kw).report.warnings == []  # lambda 0: the original itself
+    # lambda 0: the original itself, so no disagreement, only the warning that nothing changed
+    (only,) = repair(model, prune_ratio=0.5, lam=0.0, **kw).report.warnings
+    assert "disagrees" not in only and only.startswith("lambda 0")
 
 
 def test_fixed_ratio_and_no_detector_keep_full_strength():
@@ -900,3 +903,54 @@ def test_dataflow_links_of_a_model_with_a_constant_table():
     # model, and so does re-ordering a's (the table is added in the old order); only b's
     # readers could follow, and b is the last scored layer
     assert dataflow_links(model, spec, layers) == [False, False, False]
+
+
+# --------------------------------------------------------------------------- inputs the engine must refuse or survive
+
+
+def test_frozen_model_under_no_grad_is_repaired_and_every_layer_scored():
+    """A caller's ``torch.no_grad()`` and frozen parameters (fine-tuning style) must not stop
+    the unlearning, nor make the frozen layers score zero; the caller's flags stay as they were."""
+    model = small_cnn()
+    model.requires_grad_(False)
+    with torch.no_grad():
+        res = repair(model, prune_ratio=0.2, **FAST, **CNN_SPEC)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(v["max"] > 0 for v in res.report.nwc["layers"].values()), res.report.nwc["layers"]
+    settings = preset(**{k: v for k, v in FAST.items() if k != "detector"})
+    spec = from_model(model, **CNN_SPEC).spec
+    with torch.no_grad():
+        un = unlearn(model, spec, settings)
+    layers = select_layers(model, settings)
+    assert all(float(v.max()) > 0 for v in neuron_weight_change(model, un.model, layers, settings).nwc.values())
+
+
+def test_diverging_unlearning_is_an_error_not_a_nan_report():
+    with pytest.raises(OtbrError, match="diverged.*--unlearn-lr"):
+        repair(small_cnn(), prune_ratio=0.2, unlearn_lr=1e12, **{**FAST, "unlearn_steps": 6}, **CNN_SPEC)
+
+
+def test_settings_that_cannot_run_are_refused_up_front():
+    with pytest.raises(UsageError, match="ratio_grid .* at least one ratio"):
+        preset(ratio_grid=" , ")
+    with pytest.raises(UsageError, match="names the preset without applying it"):
+        repair(small_cnn(), RepairSettings(preset="paper"), **CNN_SPEC)
+    paper = preset("paper", normalize_noise=True)  # a preset with an override is applied, not refused
+    assert paper.preset == "paper" and paper.normalize_noise and paper.layer_cap == 0.0
+    assert dataclasses.replace(paper, lam=0.3).validate().fuse_chain == "order"
+    with pytest.raises(UsageError, match="--include 'nothing-is-called-this' left none of the model's 2 scorable"):
+        repair(small_cnn(), prune_ratio=0.2, include="nothing-is-called-this", **FAST, **CNN_SPEC)
+
+
+def test_noise_size_a_fixed_size_vit_cannot_take_is_a_settings_error():
+    for build in (timm_vit, hf_vit):
+        with pytest.raises(UsageError, match=r"noise_size \(--noise-size\) 48: the model does not take 48x48"):
+            repair(build(), prune_ratio=0.05, noise_size=48, **FAST)
+
+
+def test_lambda_zero_without_bounds_warns_that_nothing_changed():
+    model = small_cnn()
+    res = repair(model, prune_ratio=0.2, lam=0.0, clip_sigma=0.0, **FAST, **CNN_SPEC)
+    assert_state_equal(snapshot(model), snapshot(res.model))
+    assert res.report.neurons_pruned > 0
+    assert any("lambda 0" in w and "unchanged" in w for w in res.report.warnings), res.report.warnings
