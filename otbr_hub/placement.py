@@ -106,17 +106,24 @@ def images_per_pass(model: nn.Module, spec: "InputSpec", side: int | None = None
         device = model_device(model)
         if device.type == "cuda":
             gpu = True
-            free, total = torch.cuda.mem_get_info(device)
-            budget = int(total * GPU_ACTIVATION_SHARE)
-            if free * GPU_ACTIVATION_SHARE * 2 < budget:  # a busy GPU: fit what is free, reproducibly or not
-                budget = int(free * GPU_ACTIVATION_SHARE * 2)
-                log.warning("only %.1f of %.1f GiB of GPU memory is free: noise slices are sized by it, so a rerun may "
-                            "use other slices (set unlearn_chunk / --unlearn-chunk for the same weights every time)",
-                            free / 2**30, total / 2**30)
+            budget = gpu_activation_budget(*torch.cuda.mem_get_info(device))
         else:
             budget = CPU_ACTIVATION_BUDGET
     fit = max(1, int(budget // activation_bytes_per_image(model, spec, side, precision)))
     return 1 << (fit.bit_length() - 1) if gpu else fit  # a power of two: the same on GPUs whose budgets differ a little
+
+
+def gpu_activation_budget(free: int, total: int) -> int:
+    """Bytes one pass may hold on a GPU with ``free`` of ``total`` bytes free: a share of the
+    total, so that reruns slice alike; half of what is free when that is less (a busy GPU),
+    with a warning that the slices, and so the weights, may then differ between runs."""
+    budget = int(total * GPU_ACTIVATION_SHARE)
+    if free // 2 < budget:
+        budget = free // 2
+        log.warning("only %.1f of %.1f GiB of GPU memory is free: noise slices are sized by it, so a rerun may "
+                    "use other slices (set unlearn_chunk / --unlearn-chunk for the same weights every time)",
+                    free / 2**30, total / 2**30)
+    return budget
 
 
 PRECISIONS = ("fp32", "bf16", "auto")

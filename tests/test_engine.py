@@ -562,6 +562,19 @@ def test_default_slices_follow_the_activation_budget():
         preset("default", unlearn_chunk=0)
 
 
+def test_gpu_budget_follows_total_memory_unless_the_gpu_is_busy(caplog):
+    """Free GPU memory changes from run to run; slices sized by it would change BatchNorm's
+    batch statistics and so the weights. The total does not."""
+    from otbr_hub.placement import GPU_ACTIVATION_SHARE, gpu_activation_budget
+
+    gib = 2**30
+    with caplog.at_level("WARNING", logger="otbr_hub"):
+        quiet = {gpu_activation_budget(free * gib, 80 * gib) for free in (79, 60, 41)}
+        assert quiet == {int(80 * gib * GPU_ACTIVATION_SHARE)} and not caplog.records
+        assert gpu_activation_budget(10 * gib, 80 * gib) == 5 * gib
+        assert "unlearn-chunk" in caplog.text
+
+
 @pytest.mark.parametrize("ratio", [0.2, "auto"])
 def test_repair_of_an_fp32_model_leaves_its_weights_and_modes_alone(ratio):
     """An fp32 model on the repair's device is read in place (no working copy): its
