@@ -40,6 +40,11 @@ MAX_SAFETENSORS_HEADER = 100_000_000
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 # One broken header can produce a finding per tensor; keep reports readable.
 MAX_FINDINGS_PER_CODE = 20
+# A checkpoint's pickle holds tensor metadata only (the data is stored beside it); a larger
+# one is not read into memory, so that a small compressed file cannot exhaust it.
+MAX_PICKLE_BYTES = 256 * 1024 * 1024
+# Legacy (pre-zip) torch files are five pickles in a row, starting with this number.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 # Element width in bits of every dtype safetensors 0.8 knows (sub-byte floats included).
 SAFETENSORS_DTYPE_BITS: dict[str, int] = {
@@ -190,22 +195,78 @@ def is_weight_file(path: str | Path) -> bool:
 
 def inspect_folder(path: str | Path, *, compute_sha256: bool = True) -> list[FileReport]:
     """Inspect every weight file below ``path``, hidden folders included (only ``.git`` is
-    skipped): files with a weight name, and files under any other name whose content is a
-    pickle or a PyTorch zip checkpoint, since ``torch.load`` does not care about the name.
+    skipped): files with a weight name, files under any other name whose content is a
+    pickle or a PyTorch zip checkpoint (``torch.load`` does not care about the name), and
+    every shard a shard index names, wherever it is (a loader opens those).
 
-    Paths in the reports are POSIX paths relative to ``path`` so reports stay portable and
-    can be used as SARIF artifact locations.
+    A link that leads out of the folder is reported and not read: it could point at any
+    file of the machine. Paths in the reports are POSIX paths relative to ``path``, so
+    reports stay portable and can be used as SARIF artifact locations.
     """
     root = Path(path)
     reports: list[FileReport] = []
+    done: set[str] = set()
+
+    def add(full: Path, rel: str, torch_loaded: bool = False) -> None:
+        if rel in done:
+            return
+        done.add(rel)
+        if _link_escapes(full, root):
+            reports.append(FileReport(rel, "unknown", 0, None, [Finding(
+                "high", "link-outside-folder",
+                f"a link to {os.path.realpath(full)}, outside the model folder; not read (a loader would follow it)",
+                {"target": os.path.realpath(full)})]))
+        else:
+            reports.append(inspect_file(full, compute_sha256=compute_sha256, display_path=rel, torch_loaded=torch_loaded))
+
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != ".git")
         for name in sorted(filenames):
             full = Path(dirpath) / name
-            if (is_weight_file(name) or _pickle_content(full)) and full.is_file():
-                rel = full.relative_to(root).as_posix()
-                reports.append(inspect_file(full, compute_sha256=compute_sha256, display_path=rel))
-    return reports
+            if _link_escapes(full, root):  # not even sniffed; reported when a loader would open it
+                if is_weight_file(name):
+                    add(full, full.relative_to(root).as_posix())
+            elif (is_weight_file(name) or _pickle_content(full)) and full.is_file():
+                add(full, full.relative_to(root).as_posix())
+    for index in [r for r in reports if r.format == "shard-index"]:
+        for shard in _index_shards(root / index.path):
+            rel = PurePosixPath(index.path).parent.joinpath(shard).as_posix()
+            if _escapes_folder(shard) or not ((root / rel).is_file() or (root / rel).is_symlink()):
+                continue  # the index's own report names it
+            as_pickle = not rel.endswith(SAFETENSORS_SUFFIX)
+            earlier = next((r for r in reports if r.path == rel), None)
+            if earlier is not None:
+                if not (as_pickle and earlier.format == "unknown"):
+                    continue
+                reports.remove(earlier)  # found by the walk, but not read as the pickle a loader takes it for
+                done.discard(rel)
+            add(root / rel, rel, torch_loaded=as_pickle)
+    return sorted(reports, key=lambda r: r.path)
+
+
+def _link_escapes(full: Path, root: Path) -> bool:
+    """Whether ``full`` really lives outside ``root`` (a symlink, or a linked folder on the
+    way). A Hugging Face cache snapshot links into its repo's ``blobs`` folder: allowed."""
+    real = Path(os.path.realpath(full))
+    base = Path(os.path.realpath(root))
+    if real == base or base in real.parents:
+        return False
+    blobs = base.parent.parent / "blobs" if base.parent.name == "snapshots" else None
+    return not (blobs is not None and blobs in real.parents)
+
+
+def _index_shards(path: Path) -> list[str]:
+    """The shard file names an index lists (empty when it cannot be read)."""
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            return []
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return []
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return []
+    return sorted({v for v in weight_map.values() if isinstance(v, str)})
 
 
 def _pickle_content(path: Path) -> bool:
@@ -226,9 +287,11 @@ def _pickle_content(path: Path) -> bool:
 
 
 def inspect_file(
-    path: str | Path, *, compute_sha256: bool = True, display_path: str | None = None
+    path: str | Path, *, compute_sha256: bool = True, display_path: str | None = None, torch_loaded: bool = False
 ) -> FileReport:
-    """Inspect one file without loading it. The format comes from the name, checked by content."""
+    """Inspect one file without loading it. The format comes from the name, checked by content;
+    ``torch_loaded``: a loader will hand it to ``torch.load`` whatever its name (a shard an
+    index names), so content that is neither safetensors nor a zip is read as a pickle."""
     path = Path(path)
     shown = display_path if display_path is not None else str(path)
     try:
@@ -239,12 +302,17 @@ def inspect_file(
         return FileReport(shown, "unknown", 0, None, [_unreadable(err)])
 
     report = FileReport(shown, _declared_format(path, head), size)
+    if torch_loaded and report.format == "unknown":
+        report.format = "pickle"
     try:
         if compute_sha256:
             report.sha256 = _sha256(path)
         _check(path, head, report)
     except OSError as err:
         report.findings.append(_unreadable(err))
+    except Exception as err:  # a file built to crash the checks must not hide what is next to it
+        report.findings.append(Finding("high", "inspect-failed",
+                                       f"the file could not be inspected ({type(err).__name__}); treat it as unsafe", {}))
     report.findings = _cap_findings(report.findings)
     return report
 
@@ -346,7 +414,9 @@ def _check_pickle(path: Path, *, is_zip: bool) -> list[Finding]:
     """List the globals a pickle would import and flag every one outside the allowlist."""
     from picklescan.scanner import SafetyLevel, scan_file_path
 
-    findings: list[Finding] = []
+    findings = _pickle_structure(path, is_zip=is_zip)
+    if any(f.severity in UNSAFE_SEVERITIES for f in findings) and any(f.code == "pickle-too-large" for f in findings):
+        return findings  # not read into memory
     try:
         with _quiet_picklescan():
             result = scan_file_path(str(path))
@@ -382,43 +452,91 @@ def _check_pickle(path: Path, *, is_zip: bool) -> list[Finding]:
                 )
             )
 
-    if result.scan_err:
+    if result.scan_err and not findings:
         findings.append(
             Finding("medium", "pickle-parse-error", "the pickle stream is malformed after some opcodes", {})
         )
-    elif not result.globals:
-        problem = _first_pickle_problem(path, is_zip=is_zip)
-        if problem:
-            findings.append(Finding("medium", "pickle-parse-error", problem, {}))
     return findings
 
 
-def _first_pickle_problem(path: Path, *, is_zip: bool) -> str | None:
-    """Why the file holds no readable pickle, or None if it does.
+def _pickle_structure(path: Path, *, is_zip: bool) -> list[Finding]:
+    """What the import scan relies on: it sees exactly the pickles a loader would run.
 
-    picklescan reports an unparsable file as clean with no imports; a weight file that is
-    not a pickle at all deserves a note, so the first pickle is disassembled once more.
+    picklescan lists imports with ``pickletools``, which stops at opcodes the real unpickler
+    accepts (``I0x1``: ``int(x, 0)``), and reads zip entries by name, so of two entries with
+    one name it sees the last while torch reads the first. Each pickle must therefore parse
+    to its end here, zip entry names must be unique, no pickle may be too large to read, and
+    torch's old tar format (its members are pickles too) is refused outright.
     """
+    import tarfile
+
     try:
         if is_zip:
             with zipfile.ZipFile(path) as archive:
-                names = [n for n in archive.namelist() if n.endswith(".pkl")]
-                if not names:
-                    return "zip archive holds no pickle (.pkl) entry"
-                for name in names:
-                    with archive.open(name) as fh:
-                        _walk_one_pickle(fh)
-        else:
-            with path.open("rb") as fh:
-                _walk_one_pickle(fh)
-    except Exception as err:  # any parse failure is the answer we are looking for
-        return f"not a readable pickle: {err}"
+                infos = archive.infolist()
+                names = Counter(i.filename for i in infos)
+                dupes = sorted(n for n, k in names.items() if k > 1)
+                if dupes:
+                    return [Finding("critical", "zip-duplicate-entry",
+                                    f"the archive holds {len(dupes)} name(s) twice ({', '.join(dupes[:3])}): loaders "
+                                    "disagree on which copy they read, so the one torch unpickles may not be the one inspected",
+                                    {"entries": dupes[:50]})]
+                pickles = [i for i in infos if i.filename.endswith(".pkl")]
+                if not pickles:
+                    return [Finding("medium", "pickle-parse-error", "zip archive holds no pickle (.pkl) entry", {})]
+                for info in pickles:
+                    if info.file_size > MAX_PICKLE_BYTES:
+                        return [_too_large(info.filename, info.file_size)]
+                    with archive.open(info) as fh:
+                        problem = _unparsable(fh, count=1)
+                    if problem:
+                        return [_unparsable_finding(f"{info.filename}: {problem}")]
+                return []
+        if tarfile.is_tarfile(path):
+            return [Finding("high", "legacy-tar-checkpoint",
+                            "torch's old tar checkpoint format: its members are pickles that are not inspected; "
+                            "re-save the weights as safetensors", {})]
+        with path.open("rb") as fh:
+            first = fh.read(1)
+            if not first or pickletools.code2op.get(first.decode("latin-1")) is None:
+                # an unpickler stops at once on this byte: not a pickle, and nothing to run
+                return [Finding("medium", "pickle-parse-error", f"not a pickle (first byte {first!r})", {})]
+            fh.seek(0)
+            problem = _unparsable(fh, count=None)
+        return [_unparsable_finding(problem)] if problem else []
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, ValueError) as err:
+        return [Finding("high", "pickle-scan-failed", f"the archive cannot be read ({type(err).__name__}: {err}); "
+                        "its imports are unknown", {"error": str(err)})]
+
+
+def _too_large(name: str, size: int) -> Finding:
+    return Finding("high", "pickle-too-large", f"{name} unpacks to {size} bytes, more than a checkpoint's pickle "
+                   f"needs ({MAX_PICKLE_BYTES} at most are inspected); not read, imports unknown", {"bytes": size})
+
+
+def _unparsable_finding(problem: str) -> Finding:
+    return Finding("high", "pickle-unparsable", f"the pickle cannot be parsed to its end ({problem}), so its imports "
+                   "are unknown; an unpickler may still run it", {"problem": problem})
+
+
+def _unparsable(stream: IO[bytes], *, count: int | None) -> str | None:
+    """Why the first ``count`` pickles of ``stream`` do not parse to their STOP, or None.
+    ``count=None``: a plain file, whose first pickle must parse; when it is the legacy torch
+    magic number, the five pickles of that format must (raw tensor bytes follow them)."""
+    wanted = count or 1
+    done = 0
+    while done < wanted:
+        try:
+            first = None
+            for op, arg, _pos in pickletools.genops(stream):
+                if first is None and op.name not in ("PROTO", "FRAME"):
+                    first = arg
+        except Exception as err:  # what pickletools cannot read, picklescan cannot either
+            return f"pickle {done + 1}: {err}"
+        if count is None and done == 0 and first == _LEGACY_MAGIC:
+            wanted = 5
+        done += 1
     return None
-
-
-def _walk_one_pickle(stream: IO[bytes]) -> None:
-    for _ in pickletools.genops(stream):
-        pass
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -534,7 +652,7 @@ def _check_tensors(header: dict[str, Any], data_len: int) -> list[Finding]:
             )
             continue
         spans.append((begin, end, name))
-        if dtype not in SAFETENSORS_DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
             findings.append(
                 Finding("high", "safetensors-unknown-dtype", f"{name!r} has unknown dtype {dtype!r}", {**where, "dtype": dtype})
             )

@@ -355,6 +355,33 @@ def weight_file(folder: Path) -> Path:
     raise UnsupportedModelError(f"{folder} has no model.safetensors or pytorch_model.bin")
 
 
+def check_weight_files(folder: Path) -> None:
+    """Inspect the files a load of ``folder`` opens (the weight file, or every shard its index
+    names) and refuse them when inspection finds anything unsafe: ``torch.load(weights_only=True)``
+    is the second line of defence, not the only one. Shards must stay inside the folder."""
+    from .inspect import UNSAFE_SEVERITIES, SEVERITY_RANK, inspect_file
+
+    path = weight_file(folder)
+    files = [(path, False)]
+    if path.name.endswith(".index.json"):
+        weight_map = read_json_object(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UnsupportedModelError(f"{path.name} has no weight_map of tensor name to file name")
+        for shard in sorted(set(weight_map.values())):
+            parts = Path(shard.replace("\\", "/")).parts
+            if Path(shard).is_absolute() or ".." in parts or not parts:
+                raise UnsupportedModelError(f"refusing to load {path.name}: shard {shard!r} lies outside the model folder")
+            files.append((folder / shard, not shard.endswith(".safetensors")))
+    for file, as_pickle in files:
+        if not file.is_file():
+            raise UnsupportedModelError(f"{file.name} is missing from {folder}")
+        report = inspect_file(file, compute_sha256=False, display_path=file.name, torch_loaded=as_pickle)
+        bad = [f for f in report.findings if f.severity in UNSAFE_SEVERITIES]
+        if bad:
+            worst = max(bad, key=lambda f: SEVERITY_RANK[f.severity])
+            raise UnsupportedModelError(f"refusing to load {report.path}: {worst.message} (otbr-hub scan shows every finding)")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load weights without executing code: safetensors, or ``torch.load(weights_only=True)``."""
     from safetensors.torch import load_file
@@ -431,6 +458,7 @@ def load_folder(path: str | Path, *, source: str | None = None, revision: str | 
     if not folder.is_dir():
         raise UnsupportedModelError(f"{path} is not a folder")
     lib = detect_library(folder)
+    check_weight_files(folder)
     loaded = _load_timm(folder) if lib == "timm" else _load_transformers(folder)
     loaded.source = source or str(path)
     loaded.revision = revision

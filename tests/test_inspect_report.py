@@ -234,6 +234,132 @@ def test_folder_walk_finds_pickles_under_any_name_and_in_hidden_folders(tmp_path
     assert not marker.exists()
 
 
+# --------------------------------------------------------------------------- what the import scan cannot see
+
+
+def _shell_ops(marker: Path) -> bytes:
+    """Protocol-0 opcodes that call ``os.system`` (GLOBAL, MARK, STRING, TUPLE, REDUCE, STOP)."""
+    return b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+
+
+def _torch_zip(path: Path, *entries: tuple[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+        archive.writestr("archive/version", "3\n")
+    return path
+
+
+def test_pickles_the_import_scan_cannot_parse_are_unsafe(tmp_path: Path) -> None:
+    """pickletools stops at ``I0x1`` (the unpickler reads it with int(x, 0)), so what follows
+    is never listed; a pickle that cannot be parsed to its end has unknown imports."""
+    marker = tmp_path / "marker.txt"
+    hexint = b"\x80\x02I0x1\n0" + _shell_ops(marker)
+    (tmp_path / "hex.pkl").write_bytes(hexint)
+    _torch_zip(tmp_path / "hex.bin", ("archive/data.pkl", hexint))
+    for name in ("hex.pkl", "hex.bin"):
+        report = inspect_file(tmp_path / name)
+        assert not report.safe and "pickle-unparsable" in _codes(report), (name, report.findings)
+    # a file that is not a pickle at all is noted, not called unsafe: an unpickler stops at its first byte
+    (tmp_path / "other.bin").write_bytes(b"\x00\x01 raw bytes")
+    assert inspect_file(tmp_path / "other.bin").safe
+    assert not marker.exists()
+
+
+def test_zip_with_two_entries_of_one_name_is_critical(tmp_path: Path) -> None:
+    """torch reads the first of two same-named entries, Python's zipfile (and picklescan) the last."""
+    marker = tmp_path / "marker.txt"
+    evil = b"\x80\x02" + _shell_ops(marker)
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        _torch_zip(tmp_path / "dup.bin", ("archive/data.pkl", evil), ("archive/data.pkl", pickle.dumps({}, 2)))
+    report = inspect_file(tmp_path / "dup.bin")
+    assert "zip-duplicate-entry" in _codes(report) and report.worst_severity == "critical"
+    assert not marker.exists()
+
+
+def test_legacy_tar_checkpoint_and_oversized_pickles_are_not_read(tmp_path: Path, monkeypatch) -> None:
+    import io
+    import tarfile
+
+    from otbr_hub import inspect as inspect_mod
+
+    marker = tmp_path / "marker.txt"
+    with tarfile.open(tmp_path / "old.bin", "w") as archive:
+        for name in ("sys_info", "storages", "tensors", "pickle"):
+            data = b"\x80\x02" + _shell_ops(marker) if name == "storages" else pickle.dumps({}, 2)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    assert "legacy-tar-checkpoint" in _codes(inspect_file(tmp_path / "old.bin"))
+    # the zip-bomb guard: an entry claiming more than the limit is not decompressed
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    monkeypatch.setattr(inspect_mod, "MAX_PICKLE_BYTES", 16)
+    report = inspect_file(tmp_path / "ok.pt")
+    assert _codes(report) == {"pickle-too-large"} and not report.safe
+    assert not marker.exists()
+
+
+def test_folder_inspects_what_an_index_names_and_no_link_out_of_it(tmp_path: Path) -> None:
+    """A shard index makes a loader open files a name-based walk skips (.git, no weight
+    suffix); a link out of the folder is reported without being read."""
+    marker = tmp_path / "marker.txt"
+    model = tmp_path / "model"
+    (model / ".git").mkdir(parents=True)
+    (model / ".git" / "evil.bin").write_bytes(pickle.dumps(_RunsShell(marker)))
+    (model / "weights.shard").write_bytes(_shell_ops(marker))  # protocol 0: no \x80 header to sniff
+    index = {"weight_map": {"a": ".git/evil.bin", "b": "weights.shard"}}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (model / "passwd.bin").symlink_to("/etc/passwd")
+    (model / "fine.safetensors").symlink_to(_write_safetensors(tmp_path / "real.safetensors", {}, b""))
+    reports = {r.path: r for r in inspect_folder(model)}
+    assert not reports[".git/evil.bin"].safe and not reports["weights.shard"].safe
+    assert _codes(reports["passwd.bin"]) == {"link-outside-folder"} and reports["passwd.bin"].sha256 is None
+    assert "fine.safetensors" in reports  # a link inside is followed; this one leaves, and is reported
+    assert _codes(reports["fine.safetensors"]) == {"link-outside-folder"}
+    # a Hugging Face cache snapshot links into its repo's blobs: that is where the files live
+    snapshot = tmp_path / "models--a--b" / "snapshots" / "0123abc"
+    (tmp_path / "models--a--b" / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    blob = _write_safetensors(tmp_path / "models--a--b" / "blobs" / "f00d", {}, b"")
+    (snapshot / "model.safetensors").symlink_to(os.path.relpath(blob, snapshot))
+    (cached,) = inspect_folder(snapshot)
+    assert cached.safe and cached.format == "safetensors"
+    assert not marker.exists()
+
+
+def test_a_file_that_crashes_the_checks_is_unsafe_and_hides_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "marker.txt"
+    model = tmp_path / "model"
+    model.mkdir()
+    raw = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser's recursion limit
+    (model / "deep.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    _write_safetensors(model / "odd.safetensors", {"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsShell(marker)))
+    reports = {r.path: r for r in inspect_folder(model)}
+    assert _codes(reports["deep.safetensors"]) == {"inspect-failed"}
+    assert not reports["odd.safetensors"].safe and "pickle-unsafe-import" in _codes(reports["pytorch_model.bin"])
+    assert not marker.exists()
+
+
+def test_loading_refuses_what_inspection_calls_unsafe(tmp_path: Path) -> None:
+    """repair loads folders too: an unsafe weight file stops it before torch.load sees it."""
+    from otbr_hub.errors import UnsupportedModelError
+    from otbr_hub.load import load_folder
+    from tiny import timm_folder
+
+    marker = tmp_path / "marker.txt"
+    folder = timm_folder(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsShell(marker)))
+    with pytest.raises(UnsupportedModelError, match="refusing to load pytorch_model.bin: unpickling imports"):
+        load_folder(folder)
+    (folder / "pytorch_model.bin").unlink()
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "../outside.bin"}}))
+    with pytest.raises(UnsupportedModelError, match="lies outside the model folder"):
+        load_folder(folder)
+    assert not marker.exists()
+
+
 # --------------------------------------------------------------------------- reports
 
 
@@ -493,3 +619,19 @@ def test_exit_code_counts_unsafe_files_under_any_verdict() -> None:
     with pytest.raises(UsageError) as err:
         exit_code(report, "sometimes")
     assert err.value.exit_code == 4
+
+
+def test_every_finding_code_has_a_rule_and_a_documented_section() -> None:
+    """A new finding without a rule would get a generic SARIF text and a dead help link."""
+    import re
+
+    from otbr_hub import inspect as inspect_mod
+    from otbr_hub.report import _RULES
+
+    source = Path(inspect_mod.__file__).read_text()
+    codes = set(re.findall(r'Finding\(\s*"(?:critical|high|medium|info)",\s*"([a-z0-9-]+)"', source))
+    assert {"zip-duplicate-entry", "pickle-unparsable", "link-outside-folder"} <= codes
+    docs = (Path(__file__).parents[1] / "docs" / "SCAN_RULES.md").read_text()
+    for code in codes:
+        assert code in _RULES, code
+        assert f"## {code}\n" in docs, code
