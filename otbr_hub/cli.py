@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .errors import OtbrError, UsageError
 from .settings import PRESETS, RepairSettings
@@ -66,10 +66,22 @@ def settings_from_args(args: argparse.Namespace) -> RepairSettings:
     return preset(args.preset, **values)
 
 
+class _MainParser(argparse.ArgumentParser):
+    """Errors the top-level parser catches (an unknown option before the command, a misspelt
+    command) exit like the command's own usage errors: 4 for ``scan``, whose 2 means a scan
+    error, and 2 otherwise (``repair``'s code for every error)."""
+
+    usage_exit = 2
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_exit, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="otbr-hub", description="Data-free backdoor repair and scanning for image classifiers.")
+    p = _MainParser(prog="otbr-hub", description="Data-free backdoor repair and scanning for image classifiers.")
     p.add_argument("--version", action="version", version=f"otbr-hub {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -486,6 +498,11 @@ def _evaluate(prepared: tuple[Any, Any, Any, tuple[str, str | None]], result: An
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "scan":
+        from .scan_cli import USAGE_EXIT
+
+        parser.usage_exit = USAGE_EXIT
     args, extra = parser.parse_known_args(argv)
     # A '*' positional is filled once, so sources after an option come back as leftovers.
     unknown = [a for a in extra if a.startswith("-") and a != "-"]

@@ -393,6 +393,7 @@ def test_cli_exit_3_nothing_scannable(folders, tmp_path, capsys) -> None:
         (["scan", ".", "--limit", "many"], "invalid int"),
         (["scan", ".", "--steps", "0"], "at least 1"),
         (["scan", ".", "--token-env", "OTBR_NO_SUCH_VAR"], "not set"),
+        (["--bogus", "scan", "."], "unrecognized arguments: --bogus"),  # caught by the top-level parser
     ],
 )
 def test_cli_exit_4_usage_errors(args, message, capsys, monkeypatch) -> None:
