@@ -61,8 +61,7 @@ def unlearn(
     work.train(settings.unlearn_train_mode)
     # Every weight of the copy moves, frozen or not: a layer the caller froze for fine-tuning
     # can still carry the backdoor, and a weight that cannot change would score NWC 0.
-    work.requires_grad_(True)
-    params = list(work.parameters())
+    params = [p.requires_grad_(True) for p in work.parameters() if p.is_floating_point()]
     opt = torch.optim.SGD(params, lr=settings.unlearn_lr, momentum=settings.unlearn_momentum, weight_decay=0.0)
     gen = torch.Generator().manual_seed(settings.seed)
     n_labels = spec.num_classes - 1 if settings.label_off_by_one and spec.num_classes > 1 else spec.num_classes
