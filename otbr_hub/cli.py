@@ -122,8 +122,10 @@ def _sources(args: argparse.Namespace) -> list[str]:
     from .scan_cli import _read_target_file
 
     sources = list(args.sources)
-    if args.from_file:
-        sources += _read_target_file(args.from_file)
+    listed = _read_target_file(args.from_file) if args.from_file else []
+    if listed is None:  # standard input, read by the first process of a launch: its list is used
+        return sources
+    sources += listed
     if not sources:
         raise UsageError("nothing to repair: give a model folder or Hub repo id, or --from-file")
     first: dict[str, str] = {}
@@ -143,10 +145,14 @@ def _source_key(source: str) -> str:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from .distribute import team
+    from .distribute import launched_processes, team
 
+    procs = None
     sources = _sources(args)
     settings = settings_from_args(args)
+    if launched_processes() > 1:  # one list for every process, as the first read it (stdin)
+        procs = team(settings.device)
+        sources = procs.broadcast(sources if procs.is_main else None)
     if args.push and args.pr:
         raise UsageError("--push and --pr are alternatives; pick one")
     if not args.output and not (args.push or args.pr):
@@ -160,7 +166,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
             raise UsageError("--repo-id names one destination; with several sources each goes to <you>/<name>-otbr")
         if args.revision:
             raise UsageError("--revision applies to one source; pin several with user/model@revision")
-    procs = team(settings.device)
+    procs = procs or team(settings.device)
     if procs.distributed:
         log.info("process %d of %d", procs.index + 1, procs.size)
     if len(sources) == 1:
@@ -356,6 +362,9 @@ def _publish_problem(args: argparse.Namespace, sources: Sequence[str]) -> tuple[
         check_publication(sources, pr=args.pr, private=args.private)
     except OtbrError as err:
         return isinstance(err, UsageError), str(err)
+    except Exception as err:  # sent to the other processes too, so none is left waiting for it
+        lines = str(err).strip().splitlines()
+        return False, f"unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
     return None
 
 
@@ -525,32 +534,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         own_log.setLevel(logging.ERROR)
     if not verbose:
         _quiet_libraries(progress=not quiet and sys.stderr.isatty(), quiet=quiet)
+    clean = False
     try:
         if args.command == "repair":
-            return cmd_repair(args)
-        if args.command == "scan":
+            code = cmd_repair(args)
+        elif args.command == "scan":
             from .scan_cli import cmd_scan
 
-            return cmd_scan(args)
-        parser.error(f"unknown command {args.command}")
+            code = cmd_scan(args)
+        else:
+            parser.error(f"unknown command {args.command}")
+        clean = True
+        return code
     except OtbrError as err:
-        print(f"otbr-hub: error: {err}", file=sys.stderr)
+        _say_error(str(err))
         return err.exit_code if args.command == "scan" else 2
     except KeyboardInterrupt:
-        print("otbr-hub: interrupted", file=sys.stderr)
+        _say_error("interrupted", prefix="otbr-hub")
         return 130
     except Exception as err:  # never a traceback for the user unless asked
         if verbose:
             raise
         msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"otbr-hub: error: unexpected {type(err).__name__}: {msg} (rerun with -v for details)", file=sys.stderr)
+        _say_error(f"unexpected {type(err).__name__}: {msg} (rerun with -v for details)")
         return 2
     finally:
         from .distribute import shutdown
 
-        shutdown()
+        shutdown(clean=clean)
         own_log.setLevel(level_before)
-    return 0
+
+
+def _say_error(message: str, prefix: str = "otbr-hub: error") -> None:
+    """One line on stderr, in one write (processes of a launch share the terminal, and two
+    writes per line would interleave); a process other than the first says which it is."""
+    from .distribute import launch_rank, launched_processes
+
+    size = launched_processes()
+    who = f" (process {launch_rank() + 1} of {size})" if size > 1 and launch_rank() else ""
+    sys.stderr.write(f"{prefix}{who}: {message}\n")
+    sys.stderr.flush()
 
 
 def _quiet_libraries(progress: bool, quiet: bool = False) -> None:

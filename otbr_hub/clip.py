@@ -376,7 +376,7 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, inputs:
     for m in list(out.modules()):
         for child_name, child in list(m.named_children()):
             if id(child) in to_swap:
-                setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
+                setattr(m, child_name, _relu6_like(child))
     if "hidden_act" in net.config:
         out.config.hidden_act = net.config["hidden_act"]  # transformers rebuilds the ReLU6s from it
     setattr(out, CONFIG_ATTR, dict(net.config))
@@ -391,6 +391,20 @@ def clip_activations(model: nn.Module, spec: InputSpec, sigma: float, *, inputs:
     channels = sum(len(limits[id(norm)]) for norm, _ in bounded)
     return ClipResult(out, True, f"{len(names)} BatchNorm -> ReLU groups bounded at beta + {sigma:g} |gamma|", sigma,
                       channels=channels, norms=names, silenced=silenced, max_error=err, config=dict(net.config))
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _relu6_like(relu: nn.Module) -> nn.ReLU6:
+    """A ReLU6 in the place of ``relu``, with its hooks: a user's feature capture on an
+    activation must keep working on the repaired model."""
+    new = nn.ReLU6(inplace=getattr(relu, "inplace", False))
+    for attr in _HOOK_DICTS:
+        if hasattr(relu, attr) and hasattr(new, attr):
+            getattr(new, attr).update(getattr(relu, attr))
+    return new
 
 
 CONFIG_ATTR = "_otbr_bounds_config"
@@ -411,7 +425,7 @@ def copy_activations(src: nn.Module, dst: nn.Module) -> None:
             full = f"{name}.{child_name}" if name else child_name
             other = src_mods.get(full)
             if type(child) is nn.ReLU and type(other) is nn.ReLU6:
-                setattr(m, child_name, nn.ReLU6(inplace=child.inplace))
+                setattr(m, child_name, _relu6_like(child))
     entry = bounds_config(src)
     if entry:
         setattr(dst, CONFIG_ATTR, entry)

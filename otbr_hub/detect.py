@@ -79,7 +79,7 @@ from torch import nn
 
 from .errors import UsageError
 from .evidence import WeightEvidence, combine, max_outlier_p_value, weight_evidence
-from .load import InputSpec, eval_mode, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device, model_dtype
 from .placement import gradient_precision, images_per_pass
 from .settings import check_device
 from .verify import synthesize_inputs
@@ -190,6 +190,14 @@ class DetectSettings:
     def __post_init__(self) -> None:
         """A one-line :class:`UsageError` (also a ValueError) for values the search cannot use."""
         check_device(self.device, "DetectSettings.device", auto=False, none="where the model is")
+        if self.device is not None and self.device.startswith("cuda"):
+            from .placement import resolve_device
+
+            resolve_device(self.device)  # a clear error now rather than one per scanned model
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise UsageError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise UsageError(f"lr must be a positive number, got {self.lr!r}")
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 0:
             raise UsageError("inputs and steps must be at least 1 (screen_steps: 0 skips the margin screen)")
         if self.max_classes < 3:
@@ -357,7 +365,7 @@ def _search(
     """Best margin per class: Adam on sigmoid-parametrised images, all classes of a chunk in
     one batch. Only the images receive gradients (``torch.autograd.grad``); the model's
     parameters and their ``.grad`` are never touched."""
-    dtype = next(model.parameters()).dtype
+    dtype = model_dtype(model)
     shape = (spec.channels, spec.height, spec.width)
     per_chunk = max(1, min(max_batch, images_per_pass(model, spec, precision=precision)) // n_inputs)
     best: dict[int, float] = {}
@@ -615,7 +623,7 @@ def _trigger_search(
     otherwise, so the search hovers at the smallest mask that still flips; the statistic is
     the smallest L1 seen at such a step. Only mask and pattern receive gradients.
     """
-    dtype = next(model.parameters()).dtype
+    dtype = model_dtype(model)
     device = backgrounds.device
     n_bg = len(backgrounds)
     c, h, w = spec.channels, spec.height, spec.width
@@ -675,7 +683,7 @@ def universal_trigger(model: nn.Module, spec: InputSpec, settings: DetectSetting
     device = torch.device(s.device) if s.device else model_device(model)
     k = spec.num_classes
     with _scanning(model, device):
-        dtype = next(model.parameters()).dtype
+        dtype = model_dtype(model)
         bg = synthesize_inputs(model, spec, s.trigger_backgrounds, seed=s.seed, steps=5, lr=0.02).to(device, dtype)
         screen: list[float] | None = None
         if k <= s.max_classes:

@@ -50,6 +50,16 @@ def launched_processes() -> int:
     return 1
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 when run directly), readable before
+    Accelerate is set up: only rank 0 may read standard input, which every process shares."""
+    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
 def wants_cpu(device: str = "auto") -> bool:
     """Whether Accelerate should be set up for the CPU (see the module docstring)."""
     if device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE:
@@ -158,13 +168,19 @@ def writes_on_every_rank(model: Any) -> Iterator[None]:
         del model.should_save_on_this_rank
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly at the end of a command. Without this a Gloo worker
-    that exits while its threads still run is aborted, and the launcher reports a failure."""
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group at the end of a command. After a normal end every process
+    meets the others in a barrier first (without it a Gloo worker that exits while its
+    threads still run is aborted, and the launcher reports a failure). After an error
+    (``clean=False``) this process may be the only one that stopped, while the others wait
+    for it in a collective step: it leaves at once, and the launcher, seeing it fail,
+    stops the rest instead of letting them wait out :data:`WAIT_LIMIT`."""
     if launched_processes() <= 1:
         return
     import torch.distributed as dist
 
+    if not clean:
+        return
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()

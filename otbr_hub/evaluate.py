@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .load import InputSpec, eval_mode, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device, model_dtype
 from .triggers import Trigger
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -69,7 +69,7 @@ def _as_tensors(data: Any, spec: InputSpec, limit: int | None) -> Tensors:
 def predict(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predicted classes for pixel-space images in [0, 1] (normalised here, as the model expects)."""
     device = model_device(model)
-    dtype = next(model.parameters()).dtype
+    dtype = model_dtype(model)
     preds = []
     for start in range(0, x.shape[0], batch_size):
         batch = spec.normalize(x[start : start + batch_size].to(device=device, dtype=torch.float32))

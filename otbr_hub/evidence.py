@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import classifier_name
-from .load import InputSpec, eval_mode, forward_logits, model_device
+from .load import InputSpec, eval_mode, forward_logits, model_device, model_dtype
 from .placement import images_per_pass
 
 PIXELS = 1024 * 32 * 32
@@ -163,7 +163,7 @@ def mean_features(model: nn.Module, spec: InputSpec, seed: int = 0, pixels: int 
     if head is None or not norms:
         return None
     device = model_device(model)
-    dtype = next(model.parameters()).dtype
+    dtype = model_dtype(model)
     layer = {id(m): i for i, m in enumerate(norms)}
     at = {"start": 0}  # index of the chunk's first image
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -90,9 +93,16 @@ def library_of(model: nn.Module) -> Library:
 def _fit(values: Any, channels: int, default: tuple[float, ...]) -> tuple[float, ...]:
     if values is None:
         values = default
-    if isinstance(values, (int, float)):
+    if isinstance(values, numbers.Real) and not isinstance(values, bool):
         values = [float(values)]
-    values = tuple(float(v) for v in values)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise UsageError(f"mean and std take a number or one number per input channel, got {values!r}")
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise UsageError(f"mean and std take a number or one number per input channel, got {values!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"mean and std must be finite numbers, got {values!r}")
     if len(values) == channels:
         return values
     if len(values) == 1:
@@ -100,6 +110,12 @@ def _fit(values: Any, channels: int, default: tuple[float, ...]) -> tuple[float,
     if channels == 1:
         return (sum(values) / len(values),)
     raise UnsupportedModelError(f"normalisation has {len(values)} values but the model has {channels} input channels")
+
+
+def _positive(std: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(v > 0 for v in std):
+        raise UsageError(f"std must be positive (inputs are divided by it), got {std!r}")
+    return std
 
 
 def _size_pair(size: Any) -> tuple[int, int]:
@@ -191,7 +207,7 @@ def input_spec(
         height=h,
         width=w,
         mean=_fit(mean if mean is not None else m, c, default_m),
-        std=_fit(std if std is not None else s, c, default_s),
+        std=_positive(_fit(std if std is not None else s, c, default_s)),
         num_classes=int(n),
     )
 
@@ -211,7 +227,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def _infer_num_classes(model: nn.Module, c: int, h: int, w: int) -> int:
     try:
         with eval_mode(model), torch.no_grad():
-            out = forward_logits(model, torch.zeros(1, c, h, w, dtype=next(model.parameters()).dtype,
+            out = forward_logits(model, torch.zeros(1, c, h, w, dtype=model_dtype(model),
                                                     device=model_device(model)))
     except UnsupportedModelError:
         raise
@@ -300,8 +316,7 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
             )
     if library_of(model) == "timm" and getattr(model, "num_classes", None) == 0:
         raise UnsupportedModelError(FEATURE_EXTRACTOR)
-    params = list(model.parameters())
-    dtype = params[0].dtype if params else torch.float32
+    dtype = model_dtype(model)
     x = spec.normalize(torch.zeros(1, spec.channels, spec.height, spec.width)).to(dtype=dtype, device=model_device(model))
     try:
         with eval_mode(model), torch.no_grad():
@@ -320,6 +335,18 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
         )
     if not torch.isfinite(out).all():
         raise UnsupportedModelError("the model returns non-finite logits (NaN or inf) for a blank image; its weights may be corrupt")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype inputs should have: that of the first floating-point parameter (an integer
+    parameter, such as a lookup table, says nothing about it); float32 when there is none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def has_inference_tensors(model: nn.Module) -> bool:
+    """Weights made under ``torch.inference_mode()`` cannot take part in autograd; such a
+    model is worked on through a deep copy (which gives normal tensors)."""
+    return any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -502,7 +529,7 @@ def _load_transformers(folder: Path) -> LoadedModel:
     except Exception as err:
         raise UnsupportedModelError(f"transformers cannot read the config: {str(err).splitlines()[0]}") from None
     try:
-        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32)
+        model, info = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise UnsupportedModelError(
@@ -511,6 +538,15 @@ def _load_transformers(folder: Path) -> LoadedModel:
         raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
+    # transformers fills a missing weight with a fresh random one and only logs it: a model
+    # that is not the one in the files must not be repaired or scanned as if it were
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = [str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or []]
+    if missing or unexpected or mismatched:
+        parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+        raise UnsupportedModelError(f"the weights do not match the config: {'; '.join(parts)}")
     sd_path = weight_file(folder)
     dtype = _header_dtype(sd_path) if sd_path.suffix == ".safetensors" else source_dtype(read_state_dict(sd_path))
     proc_path = folder / "preprocessor_config.json"
@@ -552,9 +588,13 @@ def from_model(
     std: tuple[float, ...] | None = None,
     num_classes: int | None = None,
 ) -> LoadedModel:
-    """Wrap an in-memory model (timm, transformers or plain torch) for the engine."""
+    """Wrap an in-memory model (timm, transformers or plain torch) for the engine. A
+    ``torch.compile``d model is worked on (and given back) as the module it compiled: the
+    compiled wrapper prefixes every weight name and hides the library's own class."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"expected a torch nn.Module, got {type(model).__name__}")
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        model = model._orig_mod
     params = list(model.parameters())
     if not params:
         raise UnsupportedModelError("the model has no parameters")

@@ -69,7 +69,7 @@ def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | 
     on every leaf module, under the ``precision`` the pass will run with (bfloat16 outputs
     take half the bytes). Backward keeps about this much per image (saved outputs and the
     gradients flowing back), so it sizes the slices that bound memory."""
-    from .load import eval_mode, forward_logits, model_device
+    from .load import eval_mode, forward_logits, model_device, model_dtype
 
     total = 0
 
@@ -84,7 +84,7 @@ def activation_bytes_per_image(model: nn.Module, spec: "InputSpec", side: int | 
     h, w = (side, side) if side else (spec.height, spec.width)
     try:
         with eval_mode(model), torch.no_grad():
-            x = torch.zeros(2, spec.channels, h, w, dtype=next(model.parameters()).dtype, device=model_device(model))
+            x = torch.zeros(2, spec.channels, h, w, dtype=model_dtype(model), device=model_device(model))
             with gradient_precision(precision, x.device, spec):
                 forward_logits(model, x)
     finally:

@@ -88,6 +88,24 @@ def check_publication(sources: str | Sequence[str], *, repo_id: str | None = Non
     return user
 
 
+def check_result_publishable(loaded: Any, *, repo_id: Any = None, pr: bool = False, private: bool = False,
+                             token: Any = None) -> None:
+    """The checks of :func:`publish` that need neither the Hub nor the repaired model, so that
+    ``repair(model, push=True)`` fails before the repair, not after it."""
+    if repo_id is not None and (not isinstance(repo_id, str) or not repo_id.strip()):
+        raise UsageError(f"repo_id must be 'name' or 'namespace/name', got {repo_id!r}")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise UsageError(f"token must be a string (or True/False), got {type(token).__name__}")
+    if pr and repo_id:
+        raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
+    if pr and private:
+        raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
+    if getattr(loaded, "library", None) not in ("timm", "transformers"):
+        raise UnsupportedModelError("only timm and transformers models can be published (a plain torch module has no config)")
+    if pr and not (loaded.revision and is_repo_id(str(loaded.source))):
+        raise UsageError(f"a pull request needs a model loaded from the Hub (user/model); this one is {loaded.source}")
+
+
 def _whoami(ctx: HubContext) -> tuple[str, set[str]]:
     """Account name and the namespaces it may write to; refuses read-only tokens."""
     from huggingface_hub import get_token
@@ -326,12 +344,11 @@ def publish(result: Any, report_dict: dict[str, Any], *, repo_id: str | None = N
     temporary folder when not given. ``parent_commit`` is the destination head the caller
     last saw (default: read now); the commit fails if the branch moved past it.
     """
-    if pr and repo_id:
-        raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
-    if pr and private:
-        raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
-    if result.source.library not in ("timm", "transformers"):
-        raise UnsupportedModelError("only timm and transformers models can be published (a plain torch module has no config)")
+    if not (hasattr(result, "source") and hasattr(result, "model") and hasattr(result.source, "library")):
+        raise UsageError(f"publish takes the RepairResult that repair() returns, got {type(result).__name__}")
+    if not isinstance(report_dict, dict):
+        raise UsageError(f"report must be a dict (RepairResult.report.to_dict()), got {type(report_dict).__name__}")
+    check_result_publishable(result.source, repo_id=repo_id, pr=pr, private=private, token=token)
     ctx = hub_context(token, endpoint)
     user, namespaces = _whoami(ctx)
     # Cheap checks first: a refused destination should not cost a verification pass.
@@ -359,5 +376,9 @@ def push_to_hub(result: Any, repo_id: str | None = None, *, private: bool = Fals
                 parent_commit: str | None = None) -> str:
     """Python-API publication of a repair result to ``repo_id`` (default ``<you>/<source>-otbr``),
     with the same checks, card and single commit as ``otbr-hub repair --push``."""
-    return publish(result, report if report is not None else result.report.to_dict(), repo_id=repo_id,
+    if report is None:
+        if not hasattr(getattr(result, "report", None), "to_dict"):
+            raise UsageError(f"push_to_hub takes the RepairResult that repair() returns, got {type(result).__name__}")
+        report = result.report.to_dict()
+    return publish(result, report, repo_id=repo_id,
                    private=private, token=token, endpoint=endpoint, parent_commit=parent_commit)

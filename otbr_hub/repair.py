@@ -20,7 +20,7 @@ from .clip import ClipResult, clip_activations, copy_activations
 from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fuse import FuseResult, dataflow_links, fuse
 from .layers import Layer, select_layers
-from .load import LoadedModel, check_forward, eval_mode, from_model, load_folder
+from .load import LoadedModel, check_forward, eval_mode, from_model, has_inference_tensors, load_folder
 from .placement import release_memory, resolve_device, resolve_precision
 from .progress import Progress
 from .prune import PruneResult, prune
@@ -210,14 +210,26 @@ def repair(
     elif overrides:
         settings = preset(settings.preset, **{**settings.to_dict(), **overrides})
     settings.validate()
+    for name, value in (("progress", progress), ("detector", detector)):
+        if value is not None and value is not False and not callable(value):
+            raise UsageError(f"{name} must be a callable or None, got {type(value).__name__}")
+    if push and publish_as_pr:
+        raise UsageError("push=True and pr=True are alternatives; pick one")
     t = _Timer(progress)
     with t("load"):
         loaded = load_any(source, input_size=input_size, mean=mean, std=std)
     spec = loaded.spec
+    if spec.num_classes < 2:
+        raise UnsupportedModelError(f"the model has {spec.num_classes} output: unlearning pushes it away from random "
+                                    "labels, which needs at least two classes")
+    if push or publish_as_pr:  # what can fail without the repair, fails before it
+        from .push import check_result_publishable
+
+        check_result_publishable(loaded, repo_id=repo_id, pr=publish_as_pr)
     device = resolve_device(settings.device)
 
-    # enable_grad: a caller inside torch.no_grad() must not break unlearning or the probes
-    with torch.enable_grad(), _seeded(settings.seed, device), _working_model(loaded.model, device) as work:
+    # a caller inside torch.no_grad() or torch.inference_mode() must not break unlearning or the probes
+    with torch.inference_mode(False), torch.enable_grad(), _seeded(settings.seed, device), _working_model(loaded.model, device) as work:
         check_forward(work, spec)
         layers = select_layers(work, settings)
         with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
@@ -363,7 +375,7 @@ def _working_model(model: nn.Module, device: torch.device) -> Iterator[nn.Module
     device is used as it is, saving one copy of the weights (100 MB for resnet50); only its
     train/eval flags change, and they are put back on the way out, error or not."""
     params = list(model.parameters())
-    if not params or any(p.dtype != torch.float32 or p.device != device for p in params):
+    if not params or any(p.dtype != torch.float32 or p.device != device for p in params) or has_inference_tensors(model):
         yield copy.deepcopy(model).float().to(device).eval()
         return
     with eval_mode(model):
@@ -404,8 +416,14 @@ def _scan_original(detector: Any, work: nn.Module, spec: Any, settings: RepairSe
     if detector is None:
         try:
             from .detect import DetectSettings, detect
+            from .scan import MIN_CLASSES
         except ImportError:
             return _Plan(None, False, None, None)
+        if spec.num_classes < MIN_CLASSES:  # the scan has no answer here (it skips such models)
+            why = (f"with {spec.num_classes} classes the data-free scan cannot test for a backdoor (it needs "
+                   f"{MIN_CLASSES}), so the default ratio {settings.fallback_ratio:g} was used at full strength "
+                   f"(lambda {settings.lam:g})")
+            return _Plan(None, False, why, None)
         full = DetectSettings(seed=settings.seed, precision=settings.precision)
         with t("detect"):
             first = detect(work, spec, full, progress=t.progress)

@@ -84,6 +84,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
     from huggingface_hub import save_torch_state_dict
 
     shard = MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
+    model = plain_weights(model)
     if source.library == "transformers":
         model = _as_dtype(model, source.dtype)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
@@ -109,6 +110,14 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
             pcfg = {"input_size": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std), "num_classes": spec.num_classes}
             save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg},
                                model_args={"act_layer": "relu6"} if relu6 else None)
+            cfg = read_json_object(folder / "config.json")
+            args = cfg.get("model_args") or {}
+            if cfg.get("num_classes") != spec.num_classes or args.get("num_classes", spec.num_classes) != spec.num_classes:
+                # a head swapped after create_model: rebuild it at its real width
+                cfg["num_classes"] = spec.num_classes
+                if "num_classes" in args:
+                    args["num_classes"] = spec.num_classes
+                (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=shard)
     if source.library == "transformers" and source.folder is None:
         # an in-memory model: record the input it was repaired for (its config may not say)
@@ -123,6 +132,45 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         mode = "wb" if isinstance(data, bytes) else "w"
         with open(folder / name, mode) as fh:
             fh.write(data)
+
+
+def plain_weights(model: nn.Module) -> nn.Module:
+    """``model`` with every weight stored as a plain tensor: a copy with parametrizations
+    (``torch.nn.utils.parametrize``, the new weight/spectral norm), the old weight/spectral norm
+    hooks and ``torch.nn.utils.prune`` masks folded into the weights they compute. A saved
+    folder is rebuilt from its config, whose layers know only ``weight``; ``weight_orig`` or
+    ``parametrizations.weight.original0`` would be unexpected keys (or, in transformers,
+    silently missing weights). The forward pass is unchanged. ``model`` itself when it has none."""
+    import copy
+
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = (WeightNorm, SpectralNorm, prune.BasePruningMethod)
+
+    def computed(m: nn.Module) -> bool:
+        return parametrize.is_parametrized(m) or any(isinstance(h, hooks) for h in m._forward_pre_hooks.values())
+
+    if not any(computed(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if parametrize.is_parametrized(m):
+            # the copy shares the generated Parametrized* class with the original, and the
+            # removal deletes the weight property from that class: give the copy its own first
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            for name in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                torch.nn.utils.remove_weight_norm(m, hook.name)
+            elif isinstance(hook, SpectralNorm):
+                torch.nn.utils.remove_spectral_norm(m, hook.name)
+            elif isinstance(hook, prune.BasePruningMethod):
+                prune.remove(m, hook._tensor_name)
+    return model
 
 
 def _record_image_size(model: nn.Module, spec: Any, config_path: Path) -> None:

@@ -20,6 +20,7 @@ Targets the tool cannot handle (text models, folders without weights) are report
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -30,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
-from .load import LoadedModel, check_forward, from_model, load_folder, read_json_object
+from .load import LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
 from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
 
 log = logging.getLogger("otbr_hub")
@@ -264,8 +266,11 @@ def _detect_into(report: TargetReport, loaded: LoadedModel, settings: ScanSettin
             f"only {loaded.spec.num_classes} classes: the data-free backdoor tests compare the top class with at "
             f"least 3 others, so they need at least {MIN_CLASSES} classes"
         )
-    with stages("detect"):
-        det = detect(loaded.model, loaded.spec, settings.detector, progress=stages.hook)
+    model = loaded.model
+    with stages("detect"), torch.inference_mode(False):  # the margin search needs gradients on its inputs
+        if has_inference_tensors(model):
+            model = copy.deepcopy(model)
+        det = detect(model, loaded.spec, settings.detector, progress=stages.hook)
     report.backdoor = _evidence(det, loaded)
     report.verdict = det.verdict
     if repaired is None:

@@ -119,7 +119,14 @@ def add_scan_parser(sub: argparse._SubParsersAction) -> None:
                           "('sd', default) or median and MAD ('mad', the earlier rule, weaker with few classes); 'robust' only")
 
 
-def _read_target_file(name: str) -> list[str]:
+def _read_target_file(name: str) -> list[str] | None:
+    """The targets a ``--from-file`` lists. Under a launcher only the first process reads
+    standard input (every process shares it, so only one would get the list): the others
+    get None and take the list from the first through a broadcast."""
+    from .distribute import launch_rank
+
+    if name == "-" and launch_rank() != 0:
+        return None
     try:
         text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except OSError as err:
@@ -264,10 +271,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import expand_targets, report_settings
 
     targets = list(args.targets)
-    if args.from_file:
-        targets += _read_target_file(args.from_file)
+    listed = _read_target_file(args.from_file) if args.from_file else []
+    targets += listed or []
     query = bool(args.author or args.search or args.filters)
-    if not targets and not query:
+    if not targets and not query and listed is not None:
         if args.from_file:
             where = "standard input (--from-file -)" if args.from_file == "-" else f"--from-file {args.from_file}"
             raise UsageError(f"{where} lists no targets")
@@ -277,6 +284,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         _check_report_path(output, targets, args.from_file)
     check_device_name(args.device)  # before Accelerate sees it
     procs = team(args.device)
+    targets = procs.broadcast(targets if procs.is_main else None)  # one list, whatever each process read
     settings = _settings(args)
     token = _token(args.token_env)
     limit = args.limit or None
@@ -284,17 +292,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
     # The target list is made once (a Hub query could change between two calls) and shared.
     # A failed Hub query is recorded as an error of its own, and the explicit targets are
     # still scanned: one unreachable listing must not leave a CI job without any report.
+    # Anything it raises is sent to the other processes as the error, so none is left waiting.
     def expand() -> tuple[list[str] | None, str | None]:
         try:
             found = expand_targets(targets, author=args.author, search=args.search, filters=args.filters, limit=limit,
                                    token=token, endpoint=args.endpoint)
-        except OtbrError as err:
+        except Exception as err:
             if not query:
-                return None, str(err)
+                return None, _problem(err)
             try:
-                return expand_targets(targets), str(err)
-            except OtbrError as err2:
-                return None, str(err2)
+                return expand_targets(targets), _problem(err)
+            except Exception as err2:
+                return None, _problem(err2)
         return found, None
 
     concrete, problem = procs.broadcast(expand() if procs.is_main else None)
@@ -321,6 +330,14 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if args.format != "markdown":
             _append_step_summary(to_markdown(report))
     return exit_code(report, args.fail_on)
+
+
+def _problem(err: Exception) -> str:
+    """An error as one line for the report: its message, or its type for an unexpected one."""
+    if isinstance(err, OtbrError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def _query_label(args: argparse.Namespace) -> str:

@@ -318,3 +318,113 @@ def test_scan_inside_no_grad_with_a_frozen_model_gives_the_same_answer():
     assert frozen.error is None and frozen.verdict == plain.verdict
     assert frozen.backdoor.p_value == plain.backdoor.p_value
     assert not any(p.requires_grad for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- models users really have
+
+
+def test_inference_mode_callers_and_models_built_under_it():
+    """``torch.inference_mode()`` around the call, or weights created under it (inference
+    tensors cannot take part in autograd), must not break unlearning or the margin search."""
+    quick = DetectSettings(steps=5, inputs_per_class=2, device="cpu")
+    model = tiny_timm()
+    with torch.inference_mode():
+        res = otbr_hub.repair(model, prune_ratio=0.05, **FAST, **MNIST)
+        target = otbr_hub.scan(model, settings=quick, **MNIST).targets[0]
+    assert res.report.neurons_pruned > 0 and target.error is None and target.verdict != "error"
+    with torch.inference_mode():
+        built = tiny_timm()
+    res = otbr_hub.repair(built, prune_ratio=0.05, **FAST, **MNIST)
+    assert not any(p.is_inference() for p in res.model.parameters())
+    assert otbr_hub.scan(built, settings=quick, **MNIST).targets[0].error is None
+
+
+def test_bad_normalisation_and_argument_types_are_usage_errors():
+    for kw, words in ((dict(mean="0.5"), "one number per input channel"), (dict(mean=("a",)), "one number per"),
+                      (dict(std=(0.0,)), "std must be positive"), (dict(mean=float("nan")), "finite")):
+        with pytest.raises(UsageError, match=words):
+            otbr_hub.repair(tiny_timm(), prune_ratio=0.05, input_size=(1, 28, 28), **kw, **FAST)
+    with pytest.raises(UsageError, match="progress must be a callable"):
+        otbr_hub.repair(tiny_timm(), prune_ratio=0.05, progress=5, **MNIST, **FAST)
+    with pytest.raises(UsageError, match="lr must be a positive number"):
+        DetectSettings(lr=-1)
+    with pytest.raises(UsageError, match="seed must be an integer"):
+        DetectSettings(seed="x")
+
+
+def test_an_integer_parameter_does_not_decide_the_input_dtype():
+    model = tiny_timm()
+    model.ids = nn.Parameter(torch.arange(4), requires_grad=False)  # a lookup table, say
+    assert otbr_hub.repair(model, prune_ratio=0.05, **MNIST, **FAST).report.neurons_pruned > 0
+
+
+def test_one_class_is_refused_and_three_are_repaired_without_a_scan():
+    one = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4), nn.ReLU(),
+                        nn.Linear(4, 1))
+    with pytest.raises(UnsupportedModelError, match="at least two classes"):
+        otbr_hub.repair(one, prune_ratio=0.05, **MNIST, **FAST)
+    three = timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), in_chans=1, num_classes=3)
+    res = otbr_hub.repair(three.eval(), **MNIST, **{**FAST, "detector": None})
+    assert "cannot test for a backdoor" in res.report.ratio_reason and res.report.scan_before is None
+
+
+def test_publication_mistakes_fail_before_the_repair():
+    """push=True on a plain torch model, or a pull request for an in-memory model, cannot work:
+    that is known before any unlearning, so no time is spent on it."""
+    calls = []
+    progress = lambda stage, *a: calls.append(stage)  # noqa: E731
+    with pytest.raises(UnsupportedModelError, match="only timm and transformers"):
+        otbr_hub.repair(_plain(), prune_ratio=0.05, push=True, progress=progress, input_size=(3, 16, 16), **FAST)
+    with pytest.raises(UsageError, match="needs a model loaded from the Hub"):
+        otbr_hub.repair(tiny_timm(), prune_ratio=0.05, pr=True, progress=progress, **MNIST, **FAST)
+    assert "unlearn" not in calls
+    res = otbr_hub.repair(tiny_timm(), prune_ratio=0.05, **MNIST, **FAST)
+    for kw, words in ((dict(repo_id=123), "repo_id must be"), (dict(repo_id=""), "repo_id must be"),
+                      (dict(token=123), "token must be")):
+        with pytest.raises(UsageError, match=words):
+            otbr_hub.push_to_hub(res, **kw)
+    with pytest.raises(UsageError, match="RepairResult"):
+        otbr_hub.push_to_hub(tiny_timm())
+
+
+def test_saved_folders_reload_as_the_repaired_model(tmp_path):
+    """Weights computed by a parametrization are saved as plain weights (the rebuilt layers
+    know only ``weight``), a head swapped after create_model is rebuilt at its width, a
+    compiled model is saved as the module it compiled, and a folder whose weights do not
+    match its config is refused instead of loading with random weights."""
+    from safetensors.torch import load_file, save_file
+
+    from tiny import tiny_vit
+
+    vit = tiny_vit()
+    torch.nn.utils.parametrizations.weight_norm(vit.vit.layers[0].mlp.fc1)
+    x = torch.rand(2, 3, 32, 32)
+    swapped = tiny_timm()
+    swapped.fc = nn.Linear(64, 5)
+    cases = [(vit, {}, lambda m: m(pixel_values=x).logits),
+             (swapped.eval(), dict(num_classes=5, **MNIST), lambda m: m(x[:, :1, :28, :28])),
+             (torch.compile(tiny_timm()), MNIST, lambda m: m(x[:, :1, :28, :28]))]
+    for i, (model, kw, run) in enumerate(cases):
+        res = otbr_hub.repair(from_model(model, **kw), prune_ratio=0.05, **FAST)
+        back = load_folder(res.save(tmp_path / f"m{i}"))
+        with torch.no_grad():
+            assert torch.allclose(run(back.model), run(res.model), atol=1e-5), i
+    assert type(vit.vit.layers[0].mlp.fc1).__name__.startswith("Parametrized")  # input untouched
+    folder = tmp_path / "m0"
+    weights = load_file(folder / "model.safetensors")
+    del weights["classifier.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="missing classifier.weight"):
+        load_folder(folder)
+
+
+def test_hooks_on_bounded_activations_survive_the_repair():
+    model = tiny_timm()
+    seen = []
+    model.layer1[0].act2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    res = otbr_hub.repair(model, prune_ratio=0.05, **MNIST, **FAST)
+    assert type(res.model.layer1[0].act2) is nn.ReLU6  # the activation bounds applied here
+    seen.clear()
+    with torch.no_grad():
+        res.model(torch.rand(1, 1, 28, 28))
+    assert len(seen) == 1

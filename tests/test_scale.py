@@ -39,13 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], env: dict[str, str] | None = None, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(args: list[str], env: dict[str, str] | None = None, processes: int = 2,
+           stdin: str | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch`` of the otbr-hub CLI on ``processes`` CPU processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "otbr_hub", *args]
     full_env = {**os.environ, **(env or {}), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300, input=stdin)
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -98,6 +99,22 @@ def test_two_processes_scan_one_combined_report(models, tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------- one process, many models
+
+
+def test_two_processes_take_a_list_from_standard_input_once(models, tmp_path) -> None:
+    """Every process shares standard input, so only the first reads it and the others get its
+    list; before, the other process saw a different list and the run hung in a collective step."""
+    out = tmp_path / "out"
+    proc = launch(["repair", str(models[0]), "--from-file", "-", "--output", str(out), "-q", *FAST],
+                  stdin=f"{models[1]}\n{models[2]}\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "repair_summary.json").read_text())
+    assert [r["source"] for r in summary["results"]] == [str(m) for m in models]
+    report_path = tmp_path / "scan.json"
+    proc = launch(["scan", "--from-file", "-", "--format", "json", "-o", str(report_path), "--fail-on", "none", "-q",
+                   *SCAN_FAST], stdin=f"{models[0]}\n{models[2]}\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [t["target"] for t in json.loads(report_path.read_text())["targets"]] == [str(models[0]), str(models[2])]
 
 
 def test_many_sources_in_one_process(models, tmp_path, capsys) -> None:
