@@ -190,10 +190,6 @@ class DetectSettings:
     def __post_init__(self) -> None:
         """A one-line :class:`UsageError` (also a ValueError) for values the search cannot use."""
         check_device(self.device, "DetectSettings.device", auto=False, none="where the model is")
-        if self.device is not None and self.device.startswith("cuda"):
-            from .placement import resolve_device
-
-            resolve_device(self.device)  # a clear error now rather than one per scanned model
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr <= 0:

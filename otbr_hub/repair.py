@@ -219,7 +219,7 @@ def repair(
     with t("load"):
         loaded = load_any(source, input_size=input_size, mean=mean, std=std)
     spec = loaded.spec
-    if spec.num_classes < 2:
+    if spec.num_classes == 1:  # 0 (a feature extractor) gets check_forward's own message
         raise UnsupportedModelError(f"the model has {spec.num_classes} output: unlearning pushes it away from random "
                                     "labels, which needs at least two classes")
     if push or publish_as_pr:  # what can fail without the repair, fails before it

@@ -489,6 +489,11 @@ def scan(
     elif settings is not None and not isinstance(settings, ScanSettings):
         raise UsageError(f"settings must be a ScanSettings (or DetectSettings), got {type(settings).__name__}")
     settings = settings or ScanSettings()
+    device = settings.detector.device
+    if device is not None and device.startswith("cuda"):
+        from .placement import resolve_device
+
+        resolve_device(device)  # no GPU: one clear error now, not an 'unexpected' one per target
     for t in targets:
         if not isinstance(t, (nn.Module, LoadedModel, str, os.PathLike)):
             raise UsageError(f"cannot scan an object of type {type(t).__name__}: give models, paths or repo ids")
