@@ -94,8 +94,24 @@ def public_command(command: str | None) -> str | None:
         words = shlex.split(command)
     except ValueError:
         return command
-    out = [Path(w).name or w if w.startswith(("/", "~")) else w for w in words]
-    return shlex.join(out)
+    def short(word: str) -> str:
+        flag, eq, value = word.partition("=")
+        if eq and flag.startswith("--") and value.startswith(("/", "~")):  # --eval-dataset=/data/x
+            return f"{flag}={Path(value).name or value}"
+        return Path(word).name or word if word.startswith(("/", "~")) else word
+
+    return shlex.join([short(w) for w in words])
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The report as it goes to the Hub: a local source folder by its name and the command
+    with its paths shortened, as on the card (the machine's directory layout is not public)."""
+    out = dict(report)
+    if not is_hub_source(report):
+        out["source"] = source_label(report)
+    if out.get("command"):
+        out["command"] = public_command(str(out["command"]))
+    return out
 
 
 def source_label(report: dict[str, Any]) -> str:

@@ -66,6 +66,12 @@ def settings_from_args(args: argparse.Namespace) -> RepairSettings:
     return preset(args.preset, **values)
 
 
+def _trigger_help() -> str:
+    from .triggers import TRIGGERS
+
+    return "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in kind.defaults.items())})" for name, kind in TRIGGERS.items())
+
+
 class _MainParser(argparse.ArgumentParser):
     """Errors the top-level parser catches (an unknown option before the command, a misspelt
     command) exit like the command's own usage errors: 4 for ``scan``, whose 2 means a scan
@@ -94,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                                           f"several sources, a parent folder with one subfolder per model and {SUMMARY_FILE}")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     r.add_argument("--eval-dataset", help="measure ACC/ASR on this dataset ('fashion_mnist', a saved datasets folder, or a Hub id)")
-    r.add_argument("--trigger", help="trigger spec for ASR, e.g. 'badnets:target=3', or a trigger.json file")
-    r.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most this many test images")
+    r.add_argument("--trigger", help="trigger spec for ASR, e.g. 'badnets:target=3', or a trigger.json file; "
+                                     f"triggers and their parameters: {_trigger_help()}")
+    r.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate on this many test images, a seeded random subset (seed 0, the same every run; "
+                        "not stratified by class)")
     hub = r.add_argument_group("publishing")
     hub.add_argument("--push", action="store_true", help="upload the repaired model to <your-namespace>/<name>-otbr (or --repo-id)")
     hub.add_argument("--pr", action="store_true", help="open a pull request with the repaired weights on the source repo instead")
@@ -451,6 +460,8 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
     from .triggers import parse_trigger
 
     spec = args.trigger
+    if spec.lower().endswith(".json") and not os.path.isfile(spec):
+        raise UsageError(f"--trigger {spec}: no such file")
     if os.path.isfile(spec):
         try:
             data = json.loads(Path(spec).read_text())
@@ -475,6 +486,7 @@ def _load_for_eval(source: str, evaluation: Any, progress: Any) -> tuple[Any, fl
     if evaluation is None:
         return source, 0.0
     from .evaluate import check_evaluation
+    from .load import class_names
     from .repair import load_any
 
     if progress is not None:
@@ -483,7 +495,7 @@ def _load_for_eval(source: str, evaluation: Any, progress: Any) -> tuple[Any, fl
     loaded = load_any(source)
     load_s = time.perf_counter() - t0
     dataset, trigger, limit, _ = evaluation
-    check_evaluation(loaded.spec, dataset, trigger, limit)
+    check_evaluation(loaded.spec, dataset, trigger, limit, class_names=class_names(loaded.model))
     return loaded, load_s
 
 
@@ -498,10 +510,16 @@ def _evaluate(prepared: tuple[Any, Any, Any, tuple[str, str | None]], result: An
         "dataset": name,  # public name of --eval-dataset (a local folder by its last component)
         "split": split,
         "trigger": trigger.to_dict(),
-        "before": dataclasses.asdict(before),
-        "after": dataclasses.asdict(after),
-        "der": der(before, after),
+        "limit": limit,
+        "before": _rounded(dataclasses.asdict(before)),
+        "after": _rounded(dataclasses.asdict(after)),
+        "der": round(der(before, after), 2),
     }
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """Percentages to two decimals: float32 noise (89.49999809) says nothing."""
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

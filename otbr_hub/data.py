@@ -173,6 +173,9 @@ def _to_chw(image: Any, channels: int) -> torch.Tensor:
     """One image (PIL, array or tensor) as float [C, h, w] in [0, 1] with the wanted channels."""
     from PIL import Image as PILImage
 
+    if isinstance(image, (str, bytes, Path)) or image is None:
+        raise UsageError("the image column holds file paths or bytes, not images; make it an image column first "
+                         "(ds.cast_column('image', datasets.Image()))" if image is not None else "an image is missing (None)")
     if isinstance(image, PILImage.Image):
         image = image.convert("L" if channels == 1 else "RGB")
         arr = np.asarray(image, dtype=np.float32) / 255.0
@@ -188,8 +191,14 @@ def _to_chw(image: Any, channels: int) -> torch.Tensor:
             t = t[None]
         elif t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
             t = t.permute(2, 0, 1)  # HWC -> CHW
+        if t.dim() == 3 and t.shape[-1] == 2 and t.shape[0] != 2:
+            t = t.permute(2, 0, 1)  # grey + alpha, HWC
+        if t.dim() != 3:
+            raise UsageError(f"an image has shape {tuple(t.shape)}; expected (H, W), (H, W, C) or (C, H, W)")
         if t.shape[0] == 4:
             t = t[:3]
+        elif t.shape[0] == 2:
+            t = t[:1]  # grey + alpha: the grey
     if t.shape[0] == channels:
         return t
     if channels == 1:
@@ -200,19 +209,26 @@ def _to_chw(image: Any, channels: int) -> torch.Tensor:
     raise UsageError(f"cannot turn a {t.shape[0]}-channel image into {channels} channels")
 
 
+PAD_FIT = 0.8
+"""Images at least this share of the input's height and width, and no larger, are padded."""
+
+
 def _fit_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Fit a batch [N, C, h, w] to (height, width).
 
-    Smaller images get black borders (pixels stay intact, e.g. 28 -> 32, as when the zoo
-    was trained); larger ones are resized with antialiasing.
+    Images slightly smaller than the input (each side at least :data:`PAD_FIT` of it, e.g.
+    28 -> 32, as the zoo was trained) get black borders, pixels intact; anything else is
+    resized (antialiased), as an image processor would: a 32 px image in the middle of a
+    224 px black canvas would measure nothing a user cares about.
     """
     h, w = x.shape[-2:]
     if (h, w) == (height, width):
         return x
-    if h <= height and w <= width:
+    if PAD_FIT * height <= h <= height and PAD_FIT * width <= w <= width:
         top, left = (height - h) // 2, (width - w) // 2
         return F.pad(x, (left, width - w - left, top, height - h - top))
-    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=h > height or w > width,
+                         align_corners=False).clamp(0, 1)
 
 
 def subset_indices(n: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .load import InputSpec, eval_mode, forward_logits, model_device, model_dtype
+from .load import InputSpec, class_names, eval_mode, forward_logits, model_device, model_dtype
 from .triggers import Trigger
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -46,8 +46,11 @@ def _as_tensors(data: Any, spec: InputSpec, limit: int | None) -> Tensors:
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
         x, y = torch.as_tensor(x), torch.as_tensor(y).long()
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
+        from .data import subset_indices
+
+        idx = subset_indices(len(y), limit)  # the same seeded subset as for a Dataset: sorted data stays fair
+        if idx is not None:
+            x, y = x[idx], y[idx]
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
             raise UsageError(
                 f"dataset labels span {int(y.min())}..{int(y.max())} but the model has {spec.num_classes} classes"
@@ -78,30 +81,65 @@ def predict(model: nn.Module, spec: InputSpec, x: torch.Tensor, batch_size: int 
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger | None, limit: int | None = None) -> None:
-    """The checks of :func:`evaluate` that need no image decoded: trigger target, declared
-    classes and the labels of the rows ``limit`` selects. ``evaluate`` runs them first, and
-    the CLI runs them before a repair, so that a dataset or trigger the model cannot take is
-    refused in seconds instead of after it."""
+def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger | None, limit: int | None = None,
+                     class_names: list[str] | None = None) -> None:
+    """The checks of :func:`evaluate` that cost almost nothing: trigger target, declared
+    classes (and their names, against ``class_names``, the model's own labels when it has
+    real ones), the labels of the rows ``limit`` selects, that there is something to measure,
+    and that the first of those images decodes. ``evaluate`` runs them first, and the CLI
+    runs them before a repair, so that a dataset or trigger the model cannot take is refused
+    in seconds instead of after it."""
     if trigger is not None and trigger.target >= spec.num_classes:
         raise UsageError(f"trigger target {trigger.target} is not a class of this {spec.num_classes}-class model")
     if isinstance(dataset_or_tensors, (tuple, list)):
+        if len(dataset_or_tensors) == 2:
+            from .data import subset_indices
+
+            y = torch.as_tensor(dataset_or_tensors[1]).long()
+            idx = subset_indices(len(y), limit)
+            _check_measurable((y[idx] if idx is not None else y).tolist(), trigger)
         return
-    from .data import dataset_num_classes, find_columns, subset_indices
+    from .data import dataset_num_classes, find_columns, subset_indices, to_tensors
 
     ds = dataset_or_tensors
     declared = dataset_num_classes(ds)
     if declared is not None and declared != spec.num_classes:
         raise UsageError(f"the dataset has {declared} classes but the model has {spec.num_classes}")
-    label_col = find_columns(ds)[1]
+    image_col, label_col = find_columns(ds)
+    names = getattr(ds.features[label_col], "names", None)
+    if names and class_names and _normal(names) != _normal(class_names) and sorted(_normal(names)) == sorted(_normal(class_names)):
+        raise UsageError(f"the dataset's classes are the model's in another order (dataset: {', '.join(names[:4])}, ...; "
+                         f"model: {', '.join(class_names[:4])}, ...): class ids would be compared across labels; "
+                         "map the labels to the model's ids first (ds.align_labels_with_mapping)")
     idx = subset_indices(len(ds), limit)  # the rows evaluate() will read
-    labels = (ds.select(idx.tolist()) if idx is not None else ds)[label_col]
+    rows = ds.select(idx.tolist()) if idx is not None else ds
     try:
-        values = [int(v) for v in labels]
+        values = [int(v) for v in rows[label_col]]
     except (TypeError, ValueError):
         raise UsageError(f"label column '{label_col}' does not hold integer class ids") from None
     if values and (min(values) < 0 or max(values) >= spec.num_classes):
         raise UsageError(f"dataset labels span {min(values)}..{max(values)} but the model has {spec.num_classes} classes")
+    _check_measurable(values, trigger)
+    try:
+        to_tensors(rows.select([0]), spec)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"cannot turn the dataset's '{image_col}' into images for this model "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def _normal(names: list[str]) -> list[str]:
+    return [str(n).strip().lower() for n in names]
+
+
+def _check_measurable(labels: list[int], trigger: Trigger | None) -> None:
+    """Some images, and some triggered ones: a rate over no images is not 0 %."""
+    if not labels:
+        raise UsageError("the evaluation set is empty")
+    if trigger is not None and all(v == trigger.target for v in labels):
+        raise UsageError(f"every evaluation image is of the trigger's target class {trigger.target}: "
+                         "there is no image to measure the attack success rate on")
 
 
 def evaluate(
@@ -116,7 +154,7 @@ def evaluate(
 
     The model is put in eval mode for the measurement and its previous mode restored.
     """
-    check_evaluation(spec, dataset_or_tensors, trigger, limit)
+    check_evaluation(spec, dataset_or_tensors, trigger, limit, class_names=class_names(model))
     x, y = _as_tensors(dataset_or_tensors, spec, limit)
     with eval_mode(model):
         clean_pred = predict(model, spec, x, batch_size)

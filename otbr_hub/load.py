@@ -190,6 +190,8 @@ def input_spec(
         h, w = _size_pair(size)
         if processor_config:
             m, s = processor_config.get("image_mean"), processor_config.get("image_std")
+            if processor_config.get("do_normalize") is False:  # the processor hands the model [0, 1] pixels
+                m, s = (0.0,), (1.0,)
         n = int(cfg.num_labels)
     else:
         n = getattr(model, "num_classes", None)
@@ -341,6 +343,24 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype inputs should have: that of the first floating-point parameter (an integer
     parameter, such as a lookup table, says nothing about it); float32 when there is none."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """The model's own class names in id order (transformers ``id2label``, timm
+    ``pretrained_cfg['label_names']``), or None when it has none or only placeholders (``LABEL_3``)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    names: list[str] | None = None
+    if isinstance(id2label, dict) and id2label:
+        try:
+            names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        except (TypeError, ValueError):
+            names = None
+    if names is None:
+        raw = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        names = [str(n) for n in raw] if isinstance(raw, (list, tuple)) and raw else None
+    if not names or all(n.upper().startswith("LABEL_") for n in names):
+        return None
+    return names
 
 
 def has_inference_tensors(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .card import render_card, render_pr_description, source_label
+from .card import public_report, render_card, render_pr_description, source_label
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, source_readme
 from .load import load_folder, read_json_object
@@ -198,7 +198,7 @@ def _stale_weights(existing: list[str], new: list[Any]) -> list[Any]:
 
 
 def _report_bytes(report: dict[str, Any], ctx: HubContext) -> bytes:
-    return ctx.redact(json.dumps(report, indent=2, default=str)).encode()
+    return ctx.redact(json.dumps(public_report(report), indent=2, default=str)).encode()
 
 
 def _destination_name(source: str, repo_id: str | None, user: str) -> str:

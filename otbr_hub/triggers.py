@@ -232,9 +232,12 @@ def _coerce(kind: TriggerKind, key: str, value: Any) -> Any:
                 raise ValueError
             return int(as_float)
         if isinstance(default, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{kind.name}: {key} must be a {type(default).__name__}, got '{value}'") from None
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{kind.name}: {key} must be a finite {type(default).__name__}, got '{value}'") from None
     return str(value)
 
 
@@ -296,7 +299,10 @@ class Trigger:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Trigger:
         try:
-            return cls(str(data["name"]), int(data.get("target", 0)), dict(data.get("params") or {}))
+            target = data.get("target", 0)
+            if isinstance(target, bool) or not isinstance(target, int) and not (isinstance(target, str) and target.strip().lstrip("-").isdigit()):
+                raise ValueError(f"target must be an integer class id, got {target!r}")
+            return cls(str(data["name"]), int(target), dict(data.get("params") or {}))
         except (KeyError, TypeError, ValueError) as err:
             raise UsageError(f"not a trigger description: {err}") from None
 
@@ -328,9 +334,13 @@ def parse_trigger(spec: str | dict[str, Any] | Trigger) -> Trigger:
     kind = TRIGGERS[name]
     params: Params = {}
     target = 0
+    seen: set[str] = set()
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()
+        if key in seen:
+            raise UsageError(f"{name}: {key} is given twice")
+        seen.add(key)
         if not eq:
             raise UsageError(f"{name}: expected key=value, got '{item}'; known: {_known_params(kind)}")
         if key == "target":

@@ -269,3 +269,79 @@ def test_the_early_check_reads_the_rows_evaluate_reads() -> None:
     strings = datasets.Dataset.from_dict({"image": [np.zeros((8, 8), dtype=np.uint8)] * 2, "label": ["a", "b"]})
     with pytest.raises(UsageError, match="label column 'label' does not hold integer class ids"):
         check_evaluation(spec, strings, None)
+
+
+# --------------------------------------------------------------------------- review: numbers that would have been wrong
+
+
+def test_images_far_smaller_than_the_input_are_resized_not_padded() -> None:
+    """A 28 px image on a 224 px model in the middle of a black canvas measures nothing; a
+    28 px image on a 32 px model keeps its pixels and gets a border (as the zoo trained)."""
+    spec = InputSpec(channels=3, height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3, num_classes=10)
+    x, _ = to_tensors(_image_dataset(n=2), spec)
+    assert x.shape == (2, 3, 224, 224) and float(x[:, :, :20].abs().sum()) > 0  # no black border
+    x32, _ = to_tensors(_image_dataset(n=2), SPEC32)
+    assert x32[:, :, :2].abs().sum() == 0
+
+
+def test_class_names_in_another_order_are_refused() -> None:
+    from otbr_hub.evaluate import check_evaluation
+
+    names = [f"c{i}" for i in range(10)]
+    ds = _image_dataset(n=10).cast_column("label", datasets.ClassLabel(names=names[::-1]))
+    with pytest.raises(UsageError, match="in another order"):
+        check_evaluation(SPEC32, ds, None, class_names=names)
+    check_evaluation(SPEC32, ds, None, class_names=names[::-1])  # the same order: fine
+    check_evaluation(SPEC32, ds, None, class_names=None)  # a model without names: nothing to compare
+
+
+def test_nothing_to_measure_and_undecodable_images_are_refused_up_front() -> None:
+    from otbr_hub.evaluate import check_evaluation
+
+    trigger = parse_trigger("badnets:target=3")
+    only_target = datasets.Dataset.from_dict({"image": _image_dataset(n=2)["image"], "label": [3, 3]})
+    with pytest.raises(UsageError, match="no image to measure the attack success rate on"):
+        check_evaluation(SPEC32, only_target, trigger)
+    with pytest.raises(UsageError, match="empty"):
+        check_evaluation(SPEC32, (torch.empty(0, 1, 32, 32), torch.empty(0, dtype=torch.long)), None)
+    paths = datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 1]})
+    with pytest.raises(UsageError, match="file paths"):
+        check_evaluation(SPEC32, paths, None)
+    grey_alpha = datasets.Dataset.from_dict({"image": [np.zeros((28, 28, 2), np.uint8)] * 2, "label": [0, 1]})
+    x, _ = to_tensors(grey_alpha, SPEC32)
+    assert x.shape == (2, 1, 32, 32)
+
+
+def test_trigger_values_must_be_finite_and_given_once() -> None:
+    for spec, words in (("badnets:size=inf", "finite"), ("sig:f=inf", "finite"), ("badnets:target=3,target=5", "twice")):
+        with pytest.raises(UsageError, match=words):
+            parse_trigger(spec)
+    with pytest.raises(UsageError, match="integer class id"):
+        parse_trigger({"name": "badnets", "target": 3.9})
+
+
+def test_a_tensor_limit_is_the_same_seeded_subset_as_for_a_dataset() -> None:
+    """Class-sorted tensors cut to their first N would hold one class only."""
+    spec = InputSpec(channels=1, height=8, width=8, mean=(0.0,), std=(1.0,), num_classes=10)
+    y = torch.arange(10).repeat_interleave(20)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    res = evaluate(model, spec, (torch.rand(200, 1, 8, 8), y), None, limit=50)
+    assert res.n_clean == 50
+    from otbr_hub.data import subset_indices
+
+    assert len(set(y[subset_indices(200, 50)].tolist())) > 5
+
+
+def test_a_processor_that_does_not_normalise_gives_unit_normalisation() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_vit
+
+    from otbr_hub.load import input_spec
+
+    cfg = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_normalize": False, "size": {"height": 32, "width": 32}}
+    spec = input_spec(tiny_vit(), processor_config=cfg)
+    assert spec.mean == (0.0,) * 3 and spec.std == (1.0,) * 3
+    assert input_spec(tiny_vit(), processor_config={**cfg, "do_normalize": True}).mean == (0.5,) * 3

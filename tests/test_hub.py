@@ -598,3 +598,14 @@ def test_card_and_pull_request_carry_the_repair_warnings() -> None:
     assert "Warning:" in render_pr_description(base, marker="m", files=["model.safetensors"])
     quiet = render_card({**base, "verification": {"ok": True, "agreement": 0.95}, "warnings": []}, repo_id="bob/mnv3-otbr")
     assert "Check before use" not in quiet
+
+
+def test_what_is_published_names_no_local_paths() -> None:
+    from otbr_hub.card import public_command, public_report
+
+    assert public_command("otbr-hub repair /home/me/models/m --eval-dataset=/data/fm -o ~/out") == \
+        "otbr-hub repair m --eval-dataset=fm -o out"
+    local = public_report({"source": "/home/me/models/m", "revision": None, "command": "otbr-hub repair /home/me/models/m"})
+    assert local["source"] == "m" and local["command"] == "otbr-hub repair m"
+    hub = public_report({"source": "alice/vit", "revision": "a" * 40, "command": "otbr-hub repair alice/vit"})
+    assert hub["source"] == "alice/vit"
