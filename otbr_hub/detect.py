@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Literal
@@ -190,9 +191,9 @@ class DetectSettings:
     def __post_init__(self) -> None:
         """A one-line :class:`UsageError` (also a ValueError) for values the search cannot use."""
         check_device(self.device, "DetectSettings.device", auto=False, none="where the model is")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr <= 0:
+        if not isinstance(self.lr, numbers.Real) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr <= 0:
             raise UsageError(f"lr must be a positive number, got {self.lr!r}")
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 0:
             raise UsageError("inputs and steps must be at least 1 (screen_steps: 0 skips the margin screen)")

@@ -252,7 +252,11 @@ def _link_escapes(full: Path, root: Path) -> bool:
     if real == base or base in real.parents:
         return False
     blobs = base.parent.parent / "blobs" if base.parent.name == "snapshots" else None
-    return not (blobs is not None and blobs in real.parents)
+    if blobs is not None and blobs in real.parents:
+        return False
+    # git-annex and DVC link weights into the enclosing work tree's object store
+    tree = next((p for p in [base, *base.parents] if (p / ".git").exists()), None)
+    return not (tree is not None and tree in real.parents)
 
 
 def _index_shards(path: Path) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import numbers
 import weakref
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from .errors import OtbrError, UnsupportedModelError, UsageError
+
+log = logging.getLogger("otbr_hub")
 
 Library = Literal["timm", "transformers", "torch"]
 
@@ -560,13 +563,17 @@ def _load_transformers(folder: Path) -> LoadedModel:
         raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
     # transformers fills a missing weight with a fresh random one and only logs it: a model
     # that is not the one in the files must not be repaired or scanned as if it were
-    missing = sorted(info.get("missing_keys") or [])
+    # (BatchNorm's step counter does nothing in eval mode; tensors the model does not use only get a note)
+    missing = sorted(k for k in info.get("missing_keys") or [] if not str(k).endswith("num_batches_tracked"))
     unexpected = sorted(info.get("unexpected_keys") or [])
     mismatched = [str(k[0]) if isinstance(k, (tuple, list)) else str(k) for k in info.get("mismatched_keys") or []]
-    if missing or unexpected or mismatched:
+    if missing or mismatched:
         parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)) if keys]
+                 for what, keys in (("missing", missing), ("wrong shape", mismatched)) if keys]
         raise UnsupportedModelError(f"the weights do not match the config: {'; '.join(parts)}")
+    if unexpected:
+        log.warning("%s: %d tensors in the weights are not used by the model (%s%s)", folder.name, len(unexpected),
+                    ", ".join(unexpected[:3]), " ..." if len(unexpected) > 3 else "")
     sd_path = weight_file(folder)
     dtype = _header_dtype(sd_path) if sd_path.suffix == ".safetensors" else source_dtype(read_state_dict(sd_path))
     proc_path = folder / "preprocessor_config.json"

@@ -29,7 +29,7 @@ from .card import public_report, render_card, render_pr_description, source_labe
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
 from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, source_readme
 from .load import load_folder, read_json_object
-from .save import save_model
+from .save import plain_weights, save_model
 from .verify import compare_state_dicts, verify
 
 log = logging.getLogger("otbr_hub")
@@ -149,16 +149,17 @@ def verify_saved(result: Any, folder: Path, *, samples: int = _MAX_CHECK_SAMPLES
         reloaded = load_folder(folder)
     except OtbrError as err:
         raise OtbrError(f"refusing to publish: the saved model cannot be reloaded ({err})") from None
-    problems = compare_state_dicts(source.model.state_dict(), reloaded.model.state_dict(), check_dtype=False)
+    # saved weights are plain tensors (save.plain_weights): compare with the source's the same way
+    problems = compare_state_dicts(plain_weights(source.model).state_dict(), reloaded.model.state_dict(), check_dtype=False)
     if reloaded.dtype != source.dtype:
         problems.append(f"weights stored as {reloaded.dtype}, the source uses {source.dtype}")
     if not problems:
-        differ = _weights_match(result.model, reloaded.model, reloaded.dtype)
+        differ = _weights_match(plain_weights(result.model), reloaded.model, reloaded.dtype)
         if differ:
             problems.append(f"saved tensors differ from the repaired model: {', '.join(differ[:3])}")
     if not problems:  # running a model whose files are wrong would only add noise
         device = next(reloaded.model.parameters()).device
-        original = copy.deepcopy(source.model).float().to(device).eval()
+        original = copy.deepcopy(plain_weights(source.model)).float().to(device).eval()
         check = verify(original, reloaded.model.eval(), source.spec, samples=samples, seed=seed)
         problems += check.problems
     if problems:

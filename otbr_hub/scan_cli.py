@@ -123,9 +123,9 @@ def _read_target_file(name: str) -> list[str] | None:
     """The targets a ``--from-file`` lists. Under a launcher only the first process reads
     standard input (every process shares it, so only one would get the list): the others
     get None and take the list from the first through a broadcast."""
-    from .distribute import launch_rank
+    from .distribute import launch_rank, launched_processes
 
-    if name == "-" and launch_rank() != 0:
+    if name == "-" and launched_processes() > 1 and launch_rank() != 0:
         return None
     try:
         text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")

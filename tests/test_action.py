@@ -89,9 +89,11 @@ def test_an_old_report_is_not_taken_for_this_runs(runner, tmp_path: Path) -> Non
     assert out["exit-code"] == "1" and out["fresh"] == "true"
 
 
-def test_a_bad_format_still_sets_the_outputs(runner) -> None:
+def test_a_bad_format_or_bad_args_quoting_still_sets_the_outputs(runner) -> None:
     rc, out, args, _ = runner(OTBR_FORMAT="xml", OTBR_MODELS="x")
     assert rc == 4 and out == {"report": "", "fresh": "false", "exit-code": "4"} and args == []
+    rc, out, args, _ = runner(OTBR_MODELS="x", OTBR_ARGS='--cache-dir "/a b')  # unbalanced quote
+    assert rc == 4 and out["exit-code"] == "4" and args == []
 
 
 def test_changed_model_detection_keeps_any_file_name_and_stays_under_models(tmp_path: Path) -> None:

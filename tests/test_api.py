@@ -428,3 +428,49 @@ def test_hooks_on_bounded_activations_survive_the_repair():
     with torch.no_grad():
         res.model(torch.rand(1, 1, 28, 28))
     assert len(seen) == 1
+
+
+def test_a_folder_without_batchnorm_step_counters_still_loads(tmp_path):
+    """Missing ``num_batches_tracked`` buffers change nothing in eval mode; only missing
+    weights make a transformers folder a different model."""
+    from safetensors.torch import load_file, save_file
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from otbr_hub.save import save_model
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                      layer_type="basic", num_labels=10, image_size=32)).eval()
+    folder = save_model(from_model(model), model, tmp_path / "r")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    assert load_folder(folder).library == "transformers"
+
+
+def test_a_parametrized_model_passes_the_publish_check(tmp_path):
+    from otbr_hub.push import verify_saved
+
+    from tiny import tiny_vit
+
+    vit = tiny_vit()
+    torch.nn.utils.parametrizations.weight_norm(vit.classifier)
+    res = otbr_hub.repair(vit, prune_ratio=0.05, **FAST)
+    assert verify_saved(res, res.save(tmp_path / "v"), samples=8)["ok"]
+
+
+def test_a_stray_rank_variable_without_a_launch_still_reads_standard_input(monkeypatch):
+    import io
+
+    from otbr_hub.scan_cli import _read_target_file
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO("models/a\n"))
+    assert _read_target_file("-") == ["models/a"]
+
+
+def test_detect_settings_take_numpy_numbers():
+    import numpy as np
+
+    assert DetectSettings(seed=np.int64(3), lr=np.float32(0.05)).seed == 3

@@ -635,3 +635,14 @@ def test_every_finding_code_has_a_rule_and_a_documented_section() -> None:
     for code in codes:
         assert code in _RULES, code
         assert f"## {code}\n" in docs, code
+
+
+def test_links_into_the_enclosing_work_tree_are_allowed(tmp_path: Path) -> None:
+    """git-annex and DVC keep weights as links into the repository's own object store."""
+    repo = tmp_path / "repo"
+    (repo / ".git" / "annex" / "objects").mkdir(parents=True)
+    blob = _write_safetensors(repo / ".git" / "annex" / "objects" / "k", {}, b"")
+    (repo / "model").mkdir()
+    (repo / "model" / "model.safetensors").symlink_to(blob)
+    (report,) = inspect_folder(repo / "model")
+    assert report.safe and report.format == "safetensors"
