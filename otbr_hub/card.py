@@ -145,14 +145,22 @@ def card_data(report: dict[str, Any], *, model_name: str, source_readme: str | N
         if ev.get("split"):
             common["dataset_split"] = str(ev["split"])
         after = ev["after"]
-        results.append(EvalResult(**common, metric_type="accuracy", metric_name="ACC (clean accuracy, %)",
-                                  metric_value=round(float(after["acc"]), 4)))
-        if after.get("asr") is not None:
+        if _finite(after.get("acc")):
+            results.append(EvalResult(**common, metric_type="accuracy", metric_name="ACC (clean accuracy, %)",
+                                      metric_value=round(float(after["acc"]), 4)))
+        if _finite(after.get("asr")):
             results.append(EvalResult(**common, metric_type="attack_success_rate",
                                       metric_name="ASR (attack success rate, %)", metric_value=round(float(after["asr"]), 4)))
     if results:
         meta.update(model_name=model_name, eval_results=results)
     return ModelCardData(**{k: v for k, v in meta.items() if v is not None})
+
+
+def _finite(value: Any) -> bool:
+    """A number the Hub's model-index accepts (not None, NaN or infinite)."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> str:
@@ -253,8 +261,10 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
             "dataset": ev.get("dataset") or "evaluation set",
             "split": ev.get("split"),
             "trigger": _trigger_text(ev.get("trigger")),
-            "before": {k: _num((ev.get("before") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},
+            "before": {**{k: _num((ev.get("before") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},
+                       **{k: (ev.get("before") or {}).get(k) for k in ("n_clean", "n_triggered")}},
             "after": {k: _num((ev.get("after") or {}).get(k), "{:.2f}") for k in ("acc", "asr", "ra")},
+            "limit": ev.get("limit"),
             "der": _num(ev.get("der"), "{:.1f}"),
         },
         "input": report.get("input") or {},

@@ -96,7 +96,8 @@ class BackdoorEvidence:
     def to_dict(self) -> dict[str, Any]:
         return {
             "statistic": self.statistic,
-            "p_value": self.p_value,
+            # float rounding can put a p-value a hair outside [0, 1]; the schema (and readers) expect inside
+            "p_value": None if self.p_value is None else min(1.0, max(0.0, float(self.p_value))),
             "suspected_target": self.suspected_target,
             "suspected_label": self.suspected_label,
             "per_class": list(self.per_class),
@@ -238,6 +239,8 @@ def _jsonable(value: Any) -> Any:
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if getattr(value, "ndim", 0) and hasattr(value, "tolist"):  # numpy array or torch tensor
+        return _jsonable(value.tolist())
     if hasattr(value, "item"):  # numpy or torch scalar
         return _jsonable(value.item())
     return str(value)
@@ -314,14 +317,14 @@ def _sarif_rule(rule: _Rule) -> dict[str, Any]:
 
 def _artifact_uri(target: TargetReport, file_path: str | None) -> str:
     """Where a result lives: a Hub URL for Hub targets, else a path relative to the working directory."""
+    from urllib.parse import quote
+
     if target.source == "hub":
-        base = f"https://huggingface.co/{target.target}"
+        base = f"https://huggingface.co/{quote(target.target, safe='/')}"
         if file_path is None:
             return base
-        return f"{base}/blob/{target.revision or 'main'}/{file_path}"
+        return f"{base}/blob/{quote(target.revision or 'main', safe='')}/{quote(file_path, safe='/')}"
     if target.source == "memory":  # nothing on disk: the label, as a relative reference
-        from urllib.parse import quote
-
         return quote(target.target, safe="")
     base = Path(target.target)
     if target.source == "file":
@@ -331,9 +334,9 @@ def _artifact_uri(target: TargetReport, file_path: str | None) -> str:
     if full.is_absolute():
         try:
             full = full.relative_to(Path.cwd())
-        except ValueError:
-            return full.as_uri()
-    return PurePosixPath(*full.parts).as_posix() if full.parts else "."
+        except ValueError:  # outside the checkout: a relative URI still, without the machine's layout
+            full = Path(*full.parts[-2:]) if file_path else Path(full.name)
+    return quote(PurePosixPath(*full.parts).as_posix(), safe="/") if full.parts else "."
 
 
 def _primary_file(target: TargetReport) -> str | None:
@@ -494,6 +497,18 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
+def _md_code(text: str) -> str:
+    """``text`` as an inline code span that nothing in it can end early (CommonMark: a fence
+    of more backticks than the longest run inside), on one line, safe in a table cell."""
+    import re
+
+    flat = str(text).replace("\r", " ").replace("\n", " ")
+    longest = max((len(run) for run in re.findall(r"`+", flat)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") or longest else ""
+    return f"{fence}{pad}{flat}{pad}{fence}".replace("|", "\\|")
+
+
 def to_markdown(report: ScanReport) -> str:
     """A summary table for ``$GITHUB_STEP_SUMMARY`` or a PR comment, then unsafe-file details."""
     lines = [
@@ -505,7 +520,7 @@ def to_markdown(report: ScanReport) -> str:
     for t in report.targets:
         name = f"{t.target}@{t.revision}" if t.revision else t.target
         cells = [
-            f"`{name}`".replace("|", "\\|"),
+            _md_code(name),
             _md_cell(_verdict_text(t)),
             _p_cell(t),
             _md_cell(_target_cell(t)),
@@ -519,12 +534,12 @@ def to_markdown(report: ScanReport) -> str:
     if notes:
         lines += ["", "### Notes", ""]
         for t, n in notes:
-            lines.append(f"- `{_md_cell(t.target)}`: {_md_cell(n)}")
+            lines.append(f"- {_md_code(t.target)}: {_md_cell(n)}")
     details = [(t, f, x) for t in report.targets for f in t.files for x in f.findings if x.severity in ("critical", "high")]
     if details:
         lines += ["", "### Unsafe file findings", ""]
         for t, f, x in details:
-            lines.append(f"- **{x.severity}** `{x.code}` in `{f.path}` ({_md_cell(t.target)}): {_md_cell(x.message)}")
+            lines.append(f"- **{x.severity}** `{x.code}` in {_md_code(f.path)} ({_md_cell(t.target)}): {_md_cell(x.message)}")
     counts = report.summary()["verdicts"]
     tally = ", ".join(f"{n} {VERDICT_WORDS[v].lower()}" for v, n in counts.items() if n)
     lines += ["", f"otbr-hub {report.tool_version}, {report.created}" + (f": {tally}." if tally else ".")]

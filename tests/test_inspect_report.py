@@ -646,3 +646,25 @@ def test_links_into_the_enclosing_work_tree_are_allowed(tmp_path: Path) -> None:
     (repo / "model" / "model.safetensors").symlink_to(blob)
     (report,) = inspect_folder(repo / "model")
     assert report.safe and report.format == "safetensors"
+
+
+def test_awkward_names_and_numbers_keep_every_format_valid() -> None:
+    """Names with spaces, '#', backticks, newlines and pipes; NaN weight evidence; arrays."""
+    import numpy as np
+
+    ev = BackdoorEvidence("max-margin", 1.0000000002, weight_evidence={"weights": {
+        "applicable": True, "per_class": np.array([1.0, float("nan")]), "seconds": float("nan")}})
+    target = TargetReport("my models/ok 100%", "folder", "backdoored", backdoor=ev,
+                          files=[FileReport("sub dir/my model#1.bin", "pickle", 1, None,
+                                            [Finding("high", "pickle-unparsable", "x", {})])])
+    sneaky = TargetReport("x` [click](https://evil) `\n- **fake**", "folder", "error", error="boom")
+    report = ScanReport(targets=[target, sneaky])
+    data = json.loads(to_json(report))
+    jsonschema.validate(data, json_schema())
+    assert data["targets"][0]["backdoor"]["p_value"] == 1.0
+    uris = [loc["physicalLocation"]["artifactLocation"]["uri"]
+            for r in json.loads(to_sarif(report))["runs"][0]["results"] for loc in r.get("locations", [])]
+    assert "my%20models/ok%20100%25/sub%20dir/my%20model%231.bin" in uris
+    md = to_markdown(report)
+    assert "](https://evil)" not in md.replace("`` x` [click](https://evil) ` ", "")  # only inside the code span
+    assert "\n- **fake**" not in md
