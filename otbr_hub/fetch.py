@@ -86,12 +86,22 @@ class HubContext:
     token: str | None
     cache_dir: str | None
     offline: bool
+    secrets: tuple[str, ...] = ()
+    """More strings never to show: the stored login's token (the client sends it when no token
+    is given) and credentials written into the endpoint URL."""
 
     @property
     def base_url(self) -> str:
+        """The endpoint as shown to people and written into cards: without ``user:password@``."""
+        from urllib.parse import urlsplit, urlunsplit
+
         from huggingface_hub import constants
 
-        return (self.endpoint or constants.ENDPOINT).rstrip("/")
+        url = (self.endpoint or constants.ENDPOINT).rstrip("/")
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            url = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        return url
 
     def api(self) -> Any:
         from huggingface_hub import HfApi
@@ -99,21 +109,41 @@ class HubContext:
         return HfApi(endpoint=self.endpoint, token=self.token)
 
     def redact(self, text: str) -> str:
-        """Remove the token from anything that may be shown, logged or uploaded."""
-        return text.replace(self.token, "***") if self.token else text
+        """Remove the token (and :attr:`secrets`) from anything that may be shown, logged or uploaded."""
+        for secret in (self.token if isinstance(self.token, str) else None, *self.secrets):
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "***")
+        return text
 
 
 def hub_context(token: str | None = None, endpoint: str | None = None, cache_dir: str | Path | None = None) -> HubContext:
     """Explicit arguments first, then the environment as it is now (not at import)."""
     from huggingface_hub import constants
 
+    from urllib.parse import unquote, urlsplit
+
+    from huggingface_hub import get_token
+
     env = os.environ
     cache = cache_dir or env.get("HF_HUB_CACHE") or (str(Path(env["HF_HOME"]) / "hub") if env.get("HF_HOME") else None)
+    endpoint = endpoint or env.get("HF_ENDPOINT") or None
+    secrets: list[str] = []
+    try:
+        stored = get_token()
+    except Exception:  # an unreadable token file: nothing to hide then
+        stored = None
+    if stored:
+        secrets.append(stored)
+    if endpoint:
+        parts = urlsplit(endpoint)
+        if parts.password:  # the user name stays: it is often a namespace, named in messages anyway
+            secrets += [parts.password, unquote(parts.password)]
     return HubContext(
-        endpoint=(endpoint or env.get("HF_ENDPOINT") or None),
+        endpoint=endpoint,
         token=(token or env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None),
         cache_dir=str(cache) if cache else None,
         offline=constants.HF_HUB_OFFLINE or _truthy(env.get("HF_HUB_OFFLINE")) or _truthy(env.get("TRANSFORMERS_OFFLINE")),
+        secrets=tuple(dict.fromkeys(secrets)),
     )
 
 

@@ -609,3 +609,25 @@ def test_what_is_published_names_no_local_paths() -> None:
     assert local["source"] == "m" and local["command"] == "otbr-hub repair m"
     hub = public_report({"source": "alice/vit", "revision": "a" * 40, "command": "otbr-hub repair alice/vit"})
     assert hub["source"] == "alice/vit"
+
+
+def test_stored_login_and_endpoint_passwords_are_never_shown(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The client sends the token of `hf auth login` when none is given, and an endpoint may
+    carry user:password; neither may reach an error message, a log line or a card."""
+    import huggingface_hub.constants as hf_constants
+
+    stored = "hf_stored_login_token_0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(stored)
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(token_file))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    ctx = fetch.hub_context()
+    assert ctx.token is None and ctx.redact(f"you sent Bearer {stored}") == "you sent Bearer ***"
+
+    endpoint = f"http://alice:SECRETPW@127.0.0.1:{_closed_port()}"
+    ctx = fetch.hub_context(endpoint=endpoint)
+    assert "SECRETPW" not in ctx.base_url and ctx.base_url.startswith("http://127.0.0.1:")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    code, out, err = cli(["repair", "alice/vit", "-o", str(tmp_path / "o"), *FAST], capsys)
+    assert code == 2 and "cannot reach the Hub" in err and "SECRETPW" not in out + err and stored not in out + err
