@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -338,6 +338,7 @@ class Preflight:
     weights: str
     files: list[str]  # what to download besides shards
     available: frozenset[str]  # every file in the repo at ``sha``
+    sizes: dict[str, int | None] = field(default_factory=dict)  # bytes per file, as the API reported them
 
 
 def _library_hint(info: Any) -> str | None:
@@ -444,7 +445,8 @@ def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
     files = ["config.json", *(n for n in PROCESSOR_FILES if n in siblings), weights]
     if "README.md" in siblings:
         files.append("README.md")  # kept in the repaired model's card
-    return Preflight(ref.repo_id, sha, library, weights, files, frozenset(siblings)), config_path.parent
+    sizes = {sib.rfilename: getattr(sib, "size", None) for sib in (info.siblings or [])}
+    return Preflight(ref.repo_id, sha, library, weights, files, frozenset(siblings), sizes), config_path.parent
 
 
 def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[str]:

@@ -36,7 +36,7 @@ from torch import nn
 
 from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError
-from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, preflight
+from .fetch import HubContext, _shards, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
 from .load import LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
 from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
@@ -326,29 +326,32 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
         pre, _ = preflight(ref, ctx)
     report.revision = pre.sha
     weights = sorted(name for name in pre.available if "/" not in name and is_weight_file(name))
-    api = ctx.api()
     cap = settings.max_download_bytes
-    if cap is not None:
-        with stages("resolve"):
-            infos = call_hub(lambda: list(api.get_paths_info(pre.repo_id, weights, revision=pre.sha)), ctx, repo_id=pre.repo_id)
-        total = sum(getattr(i, "size", 0) or 0 for i in infos)
-        if total > cap:
+
+    def check_cap(files: list[str]) -> None:
+        total = sum(pre.sizes.get(n) or 0 for n in files)  # sizes come with the preflight's file list
+        if cap is not None and total > cap:
             raise UnsupportedModelError(
                 f"weight files total {total / 1e9:.2f} GB, above the {cap / 1e9:.2f} GB download limit (--max-size)"
             )
+
+    def download(names: list[str]) -> Path:
+        return Path(call_hub(
+            lambda: snapshot_download(pre.repo_id, revision=pre.sha, allow_patterns=names, cache_dir=ctx.cache_dir,
+                                      token=ctx.token, endpoint=ctx.endpoint),
+            ctx, repo_id=pre.repo_id, revision=pre.sha))
+
+    check_cap(weights)
     names = sorted({*(n for n in pre.files if n != "README.md"), *weights})
     with stages("download"):
-        folder = Path(
-            call_hub(
-                lambda: snapshot_download(
-                    pre.repo_id, revision=pre.sha, allow_patterns=names, cache_dir=ctx.cache_dir,
-                    token=ctx.token, endpoint=ctx.endpoint,
-                ),
-                ctx,
-                repo_id=pre.repo_id,
-                revision=pre.sha,
-            )
-        )  # fmt: skip
+        folder = download(names)
+        # shards an index keeps in a subfolder are what a loader opens: fetch and inspect them too
+        extra = sorted({shard for name in weights if name.endswith(".index.json") and (folder / name).is_file()
+                        for shard in _shards(pre.repo_id, folder / name, pre.available)} - set(weights))
+        if extra:
+            check_cap(weights + extra)
+            folder = download(extra)
+            weights = weights + extra
     with stages("inspect"):
         report.files = [
             inspect_file(folder / name, compute_sha256=settings.compute_sha256, display_path=name) for name in weights

@@ -631,3 +631,23 @@ def test_stored_login_and_endpoint_passwords_are_never_shown(tmp_path: Path, mon
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     code, out, err = cli(["repair", "alice/vit", "-o", str(tmp_path / "o"), *FAST], capsys)
     assert code == 2 and "cannot reach the Hub" in err and "SECRETPW" not in out + err and stored not in out + err
+
+
+def test_scan_fetches_and_inspects_shards_an_index_keeps_in_a_subfolder(hub_server: HubServer, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    from otbr_hub.detect import DetectSettings
+    from otbr_hub.scan import ScanSettings, scan_target
+
+    out = save_model(from_model(tiny_timm(), input_size=(1, 28, 28)), tiny_timm(), tmp_path / "m", max_shard_size=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files: dict[str, object] = {"config.json": out / "config.json"}
+    for shard in sorted(set(index["weight_map"].values())):
+        files[f"weights/{shard}"] = out / shard
+    index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
+    files["model.safetensors.index.json"] = json.dumps(index)
+    hub_server.add_repo("alice/subshards", files, library_name="timm", pipeline_tag="image-classification")
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    settings = ScanSettings(detector=DetectSettings(steps=5, inputs_per_class=2, device="cpu"), cache_dir=str(tmp_path / "c"))
+    report = scan_target("alice/subshards", settings=settings)
+    assert report.verdict in ("clean", "suspicious", "backdoored"), (report.verdict, report.skipped, report.error)
+    assert {f.path for f in report.files} >= {p for p in files if p.startswith("weights/")}  # every shard inspected
