@@ -460,8 +460,9 @@ def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[s
     return shards
 
 
-def _load_offline(ref: SourceRef, ctx: HubContext) -> LoadedModel:
-    """Offline mode: only the cache; a clear error when the model was never downloaded."""
+def cached_snapshot(ref: SourceRef, ctx: HubContext) -> Path:
+    """Offline mode: the cached snapshot of ``ref`` (config and weights), or a clear error
+    when it was never downloaded."""
     from huggingface_hub import snapshot_download
 
     revision = ref.revision or "main"
@@ -473,6 +474,12 @@ def _load_offline(ref: SourceRef, ctx: HubContext) -> LoadedModel:
         raise missing from None
     if not (folder / "config.json").is_file() or not any((folder / n).is_file() for n in WEIGHT_FILES):
         raise missing
+    return folder
+
+
+def _load_offline(ref: SourceRef, ctx: HubContext) -> LoadedModel:
+    """Offline mode: only the cache; a clear error when the model was never downloaded."""
+    folder = cached_snapshot(ref, ctx)
     return load_folder(folder, source=ref.repo_id, revision=folder.name)
 
 

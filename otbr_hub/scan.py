@@ -36,7 +36,7 @@ from torch import nn
 
 from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError
-from .fetch import HubContext, _shards, call_hub, hub_context, is_repo_id, parse_source, preflight
+from .fetch import HubContext, _shards, cached_snapshot, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
 from .load import LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
 from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
@@ -322,6 +322,20 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
 
     ref = parse_source(text)
     report.target, report.revision = ref.repo_id, ref.revision
+    if ctx.offline:  # the cache only, as repair does: every weight file of the snapshot is inspected
+        with stages("resolve"):
+            folder = cached_snapshot(ref, ctx)
+        report.revision = folder.name
+        with stages("inspect"):
+            report.files = [inspect_file(p, compute_sha256=settings.compute_sha256, display_path=p.name)
+                            for p in sorted(folder.iterdir()) if is_weight_file(p.name) and p.is_file()]
+        if report.unsafe_files:
+            report.verdict = "unsafe-file"
+            return report
+        with stages("load"):
+            loaded = load_folder(folder, source=ref.repo_id, revision=folder.name)
+        _detect_into(report, loaded, settings, stages, repaired=(folder / "otbr_report.json").is_file())
+        return report
     with stages("resolve"):
         pre, _ = preflight(ref, ctx)
     report.revision = pre.sha

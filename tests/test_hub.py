@@ -174,6 +174,14 @@ def test_transient_failures_are_retried_and_offline_uses_the_cache(hub_server: H
     assert load_source("alice/resnet").revision == sha
     assert load_source(f"alice/resnet@{sha}").revision == sha
     assert len(hub_server.requests) == seen  # nothing went over the network
+    from otbr_hub.detect import DetectSettings
+    from otbr_hub.scan import ScanSettings, scan_target
+
+    settings = ScanSettings(detector=DetectSettings(steps=5, inputs_per_class=2, device="cpu"), cache_dir=str(tmp_path / "cache"))
+    report = scan_target("alice/resnet", settings=settings)  # scan uses the same cache, offline too
+    assert report.verdict in ("clean", "suspicious", "backdoored") and report.revision == sha, (report.verdict, report.error)
+    assert [f.path for f in report.files] == ["model.safetensors"] and len(hub_server.requests) == seen
+    assert "not in the cache" in (scan_target("alice/never", settings=settings).error or "")
 
 
 # ----- publishing ---------------------------------------------------------------------------------------------
