@@ -298,7 +298,8 @@ def test_eval_dataset_is_measured_and_named_in_report_and_card(tmp_path, capsys)
     assert "before: ACC" in stdout and "after:" in stdout
     card = render_card(report, repo_id="me/x")
     head = card.split("## How to use")[0]
-    assert "Measured on `evalset` with trigger" in card and "split:" not in head and "name: evalset" in head
+    assert "Measured on `evalset`, 24 images (" in card and "with trigger" in card
+    assert "split:" not in head and "name: evalset" in head
     assert str(tmp_path) not in card  # the Reproduce command too: local paths by their last component
     assert "--eval-dataset evalset --trigger badnets:target=1" in card
 
