@@ -288,6 +288,7 @@ def render_card(report: dict[str, Any], *, repo_id: str | None = None, source_re
     from huggingface_hub import ModelCard
 
     model_name = (repo_id or folder_name or f"{source_label(report).split('/')[-1]}-otbr").split("/")[-1]
+    model_name = " ".join(model_name.split()) or "model"  # a newline in a folder name would end the card's title
     data = card_data(report, model_name=model_name, source_readme=source_readme)
     values = _template_values(report, repo_id=repo_id, source_readme=source_readme, base_url=base_url)
     original = values.pop("original_card")

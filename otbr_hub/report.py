@@ -315,6 +315,13 @@ def _sarif_rule(rule: _Rule) -> dict[str, Any]:
     }
 
 
+def _is_semver(version: str) -> bool:
+    """SARIF's semanticVersion must be SemVer 2.0; a local or dev build (0+unknown) is not."""
+    import re
+
+    return bool(re.fullmatch(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?", version))
+
+
 def _artifact_uri(target: TargetReport, file_path: str | None) -> str:
     """Where a result lives: a Hub URL for Hub targets, else a path relative to the working directory."""
     from urllib.parse import quote
@@ -387,13 +394,15 @@ def to_sarif(report: ScanReport) -> str:
             uri = _artifact_uri(t, _primary_file(t))
             results.append(_sarif_result(rule, _SARIF_LEVEL[rule.severity], text + ".", uri, t.verdict, props))
         for f in t.files:
-            for finding in f.findings:
+            for n, finding in enumerate(f.findings):
                 rule = _rule_for(finding.code, finding.severity)
                 used.setdefault(rule.id, rule)
                 uri = _artifact_uri(t, f.path)
                 props = {"severity": finding.severity, "sha256": f.sha256, "details": finding.details}
                 results.append(
-                    _sarif_result(rule, _SARIF_LEVEL[finding.severity], f"{f.path}: {finding.message}", uri, finding.message, props)
+                    # the finding's place in the file's list keeps two findings with one message apart
+                    _sarif_result(rule, _SARIF_LEVEL[finding.severity], f"{f.path}: {finding.message}", uri,
+                                  finding.message if n == 0 else f"{finding.message}#{n}", props)
                 )
         if t.verdict == "error":
             notifications.append({"level": "error", "message": {"text": f"{name}: {t.error or 'scan failed'}"}})
@@ -413,7 +422,7 @@ def to_sarif(report: ScanReport) -> str:
                         "name": TOOL_NAME,
                         "informationUri": INFORMATION_URI,
                         "version": report.tool_version,
-                        "semanticVersion": report.tool_version,
+                        **({"semanticVersion": report.tool_version} if _is_semver(report.tool_version) else {}),
                         "rules": [_sarif_rule(r) for r in rules],
                     }
                 },

@@ -668,3 +668,14 @@ def test_awkward_names_and_numbers_keep_every_format_valid() -> None:
     md = to_markdown(report)
     assert "](https://evil)" not in md.replace("`` x` [click](https://evil) ` ", "")  # only inside the code span
     assert "\n- **fake**" not in md
+
+
+def test_sarif_fingerprints_and_version_fields() -> None:
+    same = [Finding("high", "pickle-unlisted-import", "unpickling imports a.b", {}) for _ in range(2)]
+    report = ScanReport(targets=[TargetReport("m", "folder", "unsafe-file", files=[FileReport("x.bin", "pickle", 1, None, same)])])
+    sarif = json.loads(to_sarif(report))
+    prints = [r["partialFingerprints"]["otbrResult/v1"] for r in sarif["runs"][0]["results"]]
+    assert len(prints) == 2 and len(set(prints)) == 2  # GitHub would merge two alerts with one fingerprint
+    from otbr_hub.report import _is_semver
+
+    assert _is_semver("0.1.0") and not _is_semver("0+unknown") and not _is_semver("1.0.dev3")
