@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from .errors import OtbrError, UsageError
+from .errors import OtbrError, UsageError, error_text
 from .settings import PRESETS, RepairSettings
 
 log = logging.getLogger("otbr_hub")
@@ -250,9 +250,9 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
 
 def _with_revision(source: str, revision: str) -> str:
     """``source@revision`` for ``--revision``, refused for a local path or a source that already pins one."""
-    from .fetch import is_repo_id, parse_source
+    from .fetch import is_hub_source, parse_source
 
-    if Path(source).expanduser().exists() or not is_repo_id(source):
+    if not is_hub_source(source):
         raise UsageError(f"--revision applies to Hub sources; {source} is a local path")
     pinned = parse_source(source).revision
     if pinned:
@@ -273,12 +273,12 @@ def folder_names(sources: Sequence[str]) -> list[str]:
     Hub repo (plus the revision), made filesystem-safe; repeats get ``-2``, ``-3``, ..."""
     import re
 
-    from .fetch import is_repo_id, parse_source
+    from .fetch import is_hub_source, parse_source
 
     names: list[str] = []
     taken: set[str] = set()
     for src in sources:
-        if is_repo_id(src) and not Path(src).exists():
+        if is_hub_source(src):
             ref = parse_source(src)
             base = ref.repo_id.replace("/", "--") + (f"--{ref.revision}" if ref.revision else "")
         else:
@@ -369,11 +369,8 @@ def _publish_problem(args: argparse.Namespace, sources: Sequence[str]) -> tuple[
 
     try:
         check_publication(sources, pr=args.pr, private=args.private)
-    except OtbrError as err:
-        return isinstance(err, UsageError), str(err)
     except Exception as err:  # sent to the other processes too, so none is left waiting for it
-        lines = str(err).strip().splitlines()
-        return False, f"unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
+        return isinstance(err, UsageError), error_text(err)
     return None
 
 
@@ -423,8 +420,7 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
     except OtbrError as err:
         entry.update(status="error", error=str(err))
     except Exception as err:  # one broken model must not stop the others
-        first = (str(err).strip().splitlines() or [""])[0]
-        entry.update(status="error", error=f"unexpected {type(err).__name__}: {first}")
+        entry.update(status="error", error=error_text(err))
         log.info("repair of %s failed", source, exc_info=True)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     if entry["status"] != "ok":
@@ -573,8 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # never a traceback for the user unless asked
         if verbose:
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        _say_error(f"unexpected {type(err).__name__}: {msg} (rerun with -v for details)")
+        _say_error(f"{error_text(err)} (rerun with -v for details)")
         return 2
     finally:
         from .distribute import shutdown

@@ -27,3 +27,12 @@ class UnsupportedModelError(OtbrError):
 
 class HubError(OtbrError):
     """A Hugging Face Hub request failed in a way the user can understand."""
+
+
+def error_text(err: BaseException) -> str:
+    """An error as one line for people and reports: an :class:`OtbrError`'s own message, any
+    other exception as ``unexpected <type>: <first line>`` (a bug or a library's own failure)."""
+    if isinstance(err, OtbrError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .load import InputSpec, class_names, eval_mode, forward_logits, model_device, model_dtype
+from .load import InputSpec, _first_line, class_names, eval_mode, forward_logits, model_device, model_dtype
 from .triggers import Trigger
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -126,7 +126,7 @@ def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger 
         raise
     except Exception as err:
         raise UsageError(f"cannot turn the dataset's '{image_col}' into images for this model "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                         f"({type(err).__name__}: {_first_line(err)})") from None
 
 
 def _normal(names: list[str]) -> list[str]:

@@ -51,6 +51,12 @@ def is_repo_id(text: str) -> bool:
     return bool(_REPO_ID.match(text)) and "/" in text.split("@", 1)[0]
 
 
+def is_hub_source(text: str) -> bool:
+    """Whether a source names a Hub repo: it reads as a repo id and no local path has that name
+    (a folder called ``user/model`` wins, as everywhere in otbr-hub)."""
+    return is_repo_id(text) and not Path(text).expanduser().exists()
+
+
 @dataclass(frozen=True)
 class SourceRef:
     """A parsed Hub source: repo id, the revision asked for (None: default branch), and

@@ -204,44 +204,34 @@ def inspect_folder(path: str | Path, *, compute_sha256: bool = True) -> list[Fil
     reports stay portable and can be used as SARIF artifact locations.
     """
     root = Path(path)
-    reports: list[FileReport] = []
-    done: set[str] = set()
-
-    def add(full: Path, rel: str, torch_loaded: bool = False) -> None:
-        if rel in done:
-            return
-        done.add(rel)
-        if _link_escapes(full, root):
-            reports.append(FileReport(rel, "unknown", 0, None, [Finding(
-                "high", "link-outside-folder",
-                f"a link to {os.path.realpath(full)}, outside the model folder; not read (a loader would follow it)",
-                {"target": os.path.realpath(full)})]))
-        else:
-            reports.append(inspect_file(full, compute_sha256=compute_sha256, display_path=rel, torch_loaded=torch_loaded))
-
+    # what to inspect, and whether a loader hands it to torch.load whatever its content
+    wanted: dict[str, bool] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != ".git")
         for name in sorted(filenames):
             full = Path(dirpath) / name
             if _link_escapes(full, root):  # not even sniffed; reported when a loader would open it
-                if is_weight_file(name):
-                    add(full, full.relative_to(root).as_posix())
-            elif (is_weight_file(name) or _pickle_content(full)) and full.is_file():
-                add(full, full.relative_to(root).as_posix())
-    for index in [r for r in reports if r.format == "shard-index"]:
-        for shard in _index_shards(root / index.path):
-            rel = PurePosixPath(index.path).parent.joinpath(shard).as_posix()
-            if _escapes_folder(shard) or not ((root / rel).is_file() or (root / rel).is_symlink()):
-                continue  # the index's own report names it
-            as_pickle = not rel.endswith(SAFETENSORS_SUFFIX)
-            earlier = next((r for r in reports if r.path == rel), None)
-            if earlier is not None:
-                if not (as_pickle and earlier.format == "unknown"):
-                    continue
-                reports.remove(earlier)  # found by the walk, but not read as the pickle a loader takes it for
-                done.discard(rel)
-            add(root / rel, rel, torch_loaded=as_pickle)
-    return sorted(reports, key=lambda r: r.path)
+                keep = is_weight_file(name)
+            else:
+                keep = (is_weight_file(name) or _pickle_content(full)) and full.is_file()
+            if keep:
+                wanted[full.relative_to(root).as_posix()] = False
+    for index in [rel for rel in wanted if rel.lower().endswith(INDEX_SUFFIX)]:
+        for shard in _index_shards(root / index):
+            rel = PurePosixPath(index).parent.joinpath(shard).as_posix()
+            if not _escapes_folder(shard) and ((root / rel).is_file() or (root / rel).is_symlink()):
+                wanted[rel] = not rel.endswith(SAFETENSORS_SUFFIX)  # escaping or missing: the index's own report says so
+    reports = []
+    for rel, torch_loaded in sorted(wanted.items()):
+        full = root / rel
+        if _link_escapes(full, root):
+            target = os.path.realpath(full)
+            reports.append(FileReport(rel, "unknown", 0, None, [Finding(
+                "high", "link-outside-folder",
+                f"a link to {target}, outside the model folder; not read (a loader would follow it)", {"target": target})]))
+        else:
+            reports.append(inspect_file(full, compute_sha256=compute_sha256, display_path=rel, torch_loaded=torch_loaded))
+    return reports
 
 
 def _link_escapes(full: Path, root: Path) -> bool:
@@ -419,7 +409,7 @@ def _check_pickle(path: Path, *, is_zip: bool) -> list[Finding]:
     from picklescan.scanner import SafetyLevel, scan_file_path
 
     findings = _pickle_structure(path, is_zip=is_zip)
-    if any(f.severity in UNSAFE_SEVERITIES for f in findings) and any(f.code == "pickle-too-large" for f in findings):
+    if any(f.code == "pickle-too-large" for f in findings):
         return findings  # not read into memory
     try:
         with _quiet_picklescan():

@@ -409,7 +409,7 @@ def check_weight_files(folder: Path) -> None:
     """Inspect the files a load of ``folder`` opens (the weight file, or every shard its index
     names) and refuse them when inspection finds anything unsafe: ``torch.load(weights_only=True)``
     is the second line of defence, not the only one. Shards must stay inside the folder."""
-    from .inspect import UNSAFE_SEVERITIES, SEVERITY_RANK, inspect_file
+    from .inspect import UNSAFE_SEVERITIES, SEVERITY_RANK, _escapes_folder, inspect_file
 
     path = weight_file(folder)
     files = [(path, False)]
@@ -418,8 +418,7 @@ def check_weight_files(folder: Path) -> None:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UnsupportedModelError(f"{path.name} has no weight_map of tensor name to file name")
         for shard in sorted(set(weight_map.values())):
-            parts = Path(shard.replace("\\", "/")).parts
-            if Path(shard).is_absolute() or ".." in parts or not parts:
+            if _escapes_folder(shard) or not shard.strip():
                 raise UnsupportedModelError(f"refusing to load {path.name}: shard {shard!r} lies outside the model folder")
             files.append((folder / shard, not shard.endswith(".safetensors")))
     for file, as_pickle in files:
@@ -498,8 +497,11 @@ def detect_library(folder: Path) -> Library:
     raise UnsupportedModelError(f"{cfg_path} is neither a timm nor a transformers config")
 
 
-def load_folder(path: str | Path, *, source: str | None = None, revision: str | None = None) -> LoadedModel:
-    """Load a timm or transformers image classifier saved in ``path``, in fp32 for computing."""
+def load_folder(path: str | Path, *, source: str | None = None, revision: str | None = None,
+                inspected: bool = False) -> LoadedModel:
+    """Load a timm or transformers image classifier saved in ``path``, in fp32 for computing.
+    The weight files are inspected first (:func:`check_weight_files`) unless ``inspected``:
+    the caller (a scan) has inspected every file a load opens and refused unsafe ones."""
     folder = Path(path)
     if not folder.exists():
         if "@" in str(path):  # ``user/model@`` or ``user/model@a@b``: a repo id gone wrong, not a path
@@ -508,7 +510,8 @@ def load_folder(path: str | Path, *, source: str | None = None, revision: str | 
     if not folder.is_dir():
         raise UnsupportedModelError(f"{path} is not a folder")
     lib = detect_library(folder)
-    check_weight_files(folder)
+    if not inspected:
+        check_weight_files(folder)
     loaded = _load_timm(folder) if lib == "timm" else _load_transformers(folder)
     loaded.source = source or str(path)
     loaded.revision = revision

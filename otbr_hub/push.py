@@ -27,7 +27,7 @@ import torch
 
 from .card import public_report, render_card, render_pr_description, source_label
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
-from .fetch import HubContext, call_hub, hub_context, is_repo_id, parse_source, source_readme
+from .fetch import HubContext, call_hub, hub_context, is_hub_source, is_repo_id, parse_source, source_readme
 from .load import load_folder, read_json_object
 from .save import plain_weights, save_model
 from .verify import compare_state_dicts, verify
@@ -71,12 +71,9 @@ def check_publication(sources: str | Sequence[str], *, repo_id: str | None = Non
     has a destination that is not its source and that the token may write to. Returns the
     account name; raises :class:`UsageError` or :class:`HubError` with the reason."""
     sources = [sources] if isinstance(sources, str) else list(sources)
-    hub = {s: is_repo_id(s) and not Path(s).expanduser().exists() for s in sources}
+    hub = {s: is_hub_source(s) for s in sources}
+    _check_options(repo_id=repo_id, pr=pr, private=private)
     if pr:
-        if repo_id:
-            raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
-        if private:
-            raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
         for s in sources:
             if not hub[s]:
                 raise UsageError(f"--pr needs a source on the Hub (user/model); {s} is a local folder with no repo to propose to")
@@ -96,14 +93,19 @@ def check_result_publishable(loaded: Any, *, repo_id: Any = None, pr: bool = Fal
         raise UsageError(f"repo_id must be 'name' or 'namespace/name', got {repo_id!r}")
     if token is not None and not isinstance(token, (str, bool)):
         raise UsageError(f"token must be a string (or True/False), got {type(token).__name__}")
-    if pr and repo_id:
-        raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
-    if pr and private:
-        raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
+    _check_options(repo_id=repo_id, pr=pr, private=private)
     if getattr(loaded, "library", None) not in ("timm", "transformers"):
         raise UnsupportedModelError("only timm and transformers models can be published (a plain torch module has no config)")
     if pr and not (loaded.revision and is_repo_id(str(loaded.source))):
         raise UsageError(f"a pull request needs a model loaded from the Hub (user/model); this one is {loaded.source}")
+
+
+def _check_options(*, repo_id: Any, pr: bool, private: bool) -> None:
+    """The publication options that exclude each other (CLI and Python API alike)."""
+    if pr and repo_id:
+        raise UsageError("--repo-id names the --push destination; --pr always proposes the change to the source repo")
+    if pr and private:
+        raise UsageError("--private applies to --push (a new repo); a pull request has the source repo's visibility")
 
 
 def _whoami(ctx: HubContext) -> tuple[str, set[str]]:

@@ -135,9 +135,9 @@ def load_any(source: Any, **spec_kw: Any) -> LoadedModel:
     if isinstance(source, nn.Module):
         return from_model(source, **spec_kw)
     if isinstance(source, (str, Path)):
-        from .fetch import is_repo_id
+        from .fetch import is_hub_source
 
-        if Path(source).exists() or not is_repo_id(str(source)):
+        if not is_hub_source(str(source)):
             return load_folder(source)
         from .fetch import load_source
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .detect import DetectSettings, Detection, detect
-from .errors import OtbrError, UnsupportedModelError, UsageError
+from .errors import OtbrError, UnsupportedModelError, UsageError, error_text
 from .fetch import HubContext, _shards, cached_snapshot, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
 from .load import LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
@@ -293,7 +293,7 @@ def _scan_folder(folder: Path, report: TargetReport, settings: ScanSettings, sta
     if problem:
         raise UnsupportedModelError(problem)
     with stages("load"):
-        loaded = load_folder(folder, source=report.target, revision=report.revision)
+        loaded = load_folder(folder, source=report.target, revision=report.revision, inspected=True)
     _detect_into(report, loaded, settings, stages)
     return report
 
@@ -327,15 +327,9 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
             folder = cached_snapshot(ref, ctx)
         report.revision = folder.name
         with stages("inspect"):
-            report.files = [inspect_file(p, compute_sha256=settings.compute_sha256, display_path=p.name)
-                            for p in sorted(folder.iterdir()) if is_weight_file(p.name) and p.is_file()]
-        if report.unsafe_files:
-            report.verdict = "unsafe-file"
-            return report
-        with stages("load"):
-            loaded = load_folder(folder, source=ref.repo_id, revision=folder.name)
-        _detect_into(report, loaded, settings, stages, repaired=(folder / "otbr_report.json").is_file())
-        return report
+            report.files = inspect_folder(folder, compute_sha256=settings.compute_sha256)
+        return _load_and_detect(report, folder, ref.repo_id, settings, stages,
+                                repaired=(folder / "otbr_report.json").is_file())
     with stages("resolve"):
         pre, _ = preflight(ref, ctx)
     report.revision = pre.sha
@@ -370,12 +364,19 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
         report.files = [
             inspect_file(folder / name, compute_sha256=settings.compute_sha256, display_path=name) for name in weights
         ]
+    return _load_and_detect(report, folder, pre.repo_id, settings, stages, repaired="otbr_report.json" in pre.available)
+
+
+def _load_and_detect(report: TargetReport, folder: Path, repo_id: str, settings: ScanSettings, stages: _Stages, *,
+                     repaired: bool) -> TargetReport:
+    """After the inspection of every file a load opens: stop at an unsafe one, else load
+    (not inspecting again) and run the backdoor tests. ``report.revision`` is the snapshot's sha."""
     if report.unsafe_files:
         report.verdict = "unsafe-file"
         return report
     with stages("load"):
-        loaded = load_folder(folder, source=pre.repo_id, revision=pre.sha)
-    _detect_into(report, loaded, settings, stages, repaired="otbr_report.json" in pre.available)
+        loaded = load_folder(folder, source=repo_id, revision=report.revision, inspected=True)
+    _detect_into(report, loaded, settings, stages, repaired=repaired)
     return report
 
 
@@ -469,8 +470,7 @@ def scan_target(
             report.error = (f"no local folder or file named {label} (the folder {folder} exists), so it was tried "
                             f"as a Hub repo id: {err}")
     except Exception as err:  # one broken model must not abort a scan of many
-        first = (str(err).strip().splitlines() or [""])[0]
-        report.verdict, report.error = "error", f"unexpected {type(err).__name__}: {first}"
+        report.verdict, report.error = "error", error_text(err)
         log.info("scan of %s failed", label, exc_info=True)  # traceback with -v
     report.timings = {**stages.times, "total": round(time.perf_counter() - t0, 4)}
     return report

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import HubError, OtbrError, UsageError
+from .errors import HubError, UsageError, error_text
 from .report import FAIL_ON_LEVELS, FORMATS
 
 log = logging.getLogger("otbr_hub")
@@ -299,11 +299,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
                                    token=token, endpoint=args.endpoint)
         except Exception as err:
             if not query:
-                return None, _problem(err)
+                return None, error_text(err)
             try:
-                return expand_targets(targets), _problem(err)
+                return expand_targets(targets), error_text(err)
             except Exception as err2:
-                return None, _problem(err2)
+                return None, error_text(err2)
         return found, None
 
     concrete, problem = procs.broadcast(expand() if procs.is_main else None)
@@ -330,14 +330,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
         if args.format != "markdown":
             _append_step_summary(to_markdown(report))
     return exit_code(report, args.fail_on)
-
-
-def _problem(err: Exception) -> str:
-    """An error as one line for the report: its message, or its type for an unexpected one."""
-    if isinstance(err, OtbrError):
-        return str(err)
-    lines = str(err).strip().splitlines()
-    return f"unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 def _query_label(args: argparse.Namespace) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .load import InputSpec, eval_mode, forward_logits, model_device, uses_channels_last
+from .load import InputSpec, _first_line, eval_mode, forward_logits, model_device, uses_channels_last
 from .placement import gradient_precision, images_per_pass
 from .errors import OtbrError, UsageError
 from .settings import RepairSettings, flag_of
@@ -113,7 +113,5 @@ def _check_noise_size(work: nn.Module, spec: InputSpec, side: int) -> None:
         with eval_mode(work), torch.no_grad():
             forward_logits(work, x)
     except (RuntimeError, AssertionError, ValueError) as err:
-        lines = str(err).strip().splitlines()
-        why = (lines[0] if lines else type(err).__name__)[:200]
         raise UsageError(f"noise_size ({flag_of('noise_size')}) {side}: the model does not take {side}x{side} inputs "
-                         f"({why}); leave it unset to use {spec.height}x{spec.width}") from None
+                         f"({_first_line(err) or type(err).__name__}); leave it unset to use {spec.height}x{spec.width}") from None
