@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-dataset", help="measure ACC/ASR on this dataset ('fashion_mnist', a saved datasets folder, or a Hub id)")
     r.add_argument("--trigger", help="trigger spec for ASR, e.g. 'badnets:target=3', or a trigger.json file; "
                                      f"triggers and their parameters: {_trigger_help()}")
+    r.add_argument("--eval-split", metavar="SPLIT",
+                   help="split of --eval-dataset to measure on (default: test; a saved single Dataset has none)")
     r.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate on this many test images, a seeded random subset (seed 0, the same every run; "
                         "not stratified by class)")
@@ -449,10 +451,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, str | None]] | None:
     """Parse --eval-dataset/--trigger up front so a typo fails before the slow part."""
+    if args.eval_split is not None and not args.eval_dataset:
+        raise UsageError("--eval-split needs --eval-dataset")
     if not args.eval_dataset and not args.trigger:
         return None
     if not (args.eval_dataset and args.trigger):
         raise UsageError("--eval-dataset and --trigger go together")
+    split = "test" if args.eval_split is None else args.eval_split.strip()
+    if not split:
+        raise UsageError("--eval-split must name a split, e.g. 'test'")
     from .triggers import parse_trigger
 
     spec = args.trigger
@@ -470,8 +477,8 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
         raise UsageError(f"--trigger {args.trigger}: name the attack's target class, e.g. '{trigger.name}:target=3'")
     from .data import describe_eval_source, load_eval_dataset
 
-    dataset = load_eval_dataset(args.eval_dataset, "test")
-    return dataset, trigger, args.eval_limit, describe_eval_source(args.eval_dataset, "test")
+    dataset = load_eval_dataset(args.eval_dataset, split)
+    return dataset, trigger, args.eval_limit, describe_eval_source(args.eval_dataset, split)
 
 
 def _load_for_eval(source: str, evaluation: Any, progress: Any) -> tuple[Any, float]:

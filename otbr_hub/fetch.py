@@ -431,28 +431,37 @@ def _download(ctx: HubContext, repo_id: str, sha: str, filename: str) -> Path:
 
 def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
     """Check the repo through the API and fetch its config; returns the snapshot folder."""
+    from huggingface_hub.constants import DEFAULT_REVISION
+
     api = ctx.api()
-    info = call_hub(lambda: api.model_info(ref.repo_id, revision=ref.revision, files_metadata=True), ctx,
-                    repo_id=ref.repo_id, revision=ref.revision)
-    siblings = {s.rfilename for s in (info.siblings or [])}
-    if "config.json" not in siblings:
-        raise UnsupportedModelError(f"{ref.repo_id} has no config.json, so it is not a timm or transformers model")
-    hint = _library_hint(info)
-    if hint not in (None, "timm", "transformers"):
-        raise UnsupportedModelError(f"{ref.repo_id} is a '{hint}' model; only timm and transformers are supported")
-    weights = _pick_weights(ref.repo_id, set(siblings))
-    sha = info.sha
+
+    def checked(revision: str | None) -> tuple[Any, str | None, str]:
+        info = call_hub(lambda: api.model_info(ref.repo_id, revision=revision, files_metadata=True), ctx,
+                        repo_id=ref.repo_id, revision=revision)
+        siblings = {s.rfilename for s in (info.siblings or [])}
+        if "config.json" not in siblings:
+            raise UnsupportedModelError(f"{ref.repo_id} has no config.json, so it is not a timm or transformers model")
+        hint = _library_hint(info)
+        if hint not in (None, "timm", "transformers"):
+            raise UnsupportedModelError(f"{ref.repo_id} is a '{hint}' model; only timm and transformers are supported")
+        return info, hint, _pick_weights(ref.repo_id, siblings)
+
+    info, hint, weights = checked(ref.revision)
     # Gated repos fail here, before any weights. Fetching by the revision *name* records
     # name -> sha in the cache, which offline mode needs to find this snapshot later.
-    config_path = _download(ctx, ref.repo_id, ref.revision or "main", "config.json")
-    if config_path.parent.name != sha:  # the branch moved since model_info: stay on what was checked
-        config_path = _download(ctx, ref.repo_id, sha, "config.json")
+    config_path = _download(ctx, ref.repo_id, ref.revision or DEFAULT_REVISION, "config.json")
+    if config_path.parent.name != info.sha:
+        # The branch moved between the two calls, and the cache's name -> sha record now names
+        # the new commit. Check and download that commit, so the record and the snapshot agree
+        # (fetching the old one would leave offline mode a record pointing at missing files).
+        info, hint, weights = checked(config_path.parent.name)
+    siblings = {s.rfilename for s in (info.siblings or [])}
     library = _check_config(ref.repo_id, read_json_object(config_path, f"{ref.repo_id}: config.json"), hint, ref, info.pipeline_tag)
     files = ["config.json", *(n for n in PROCESSOR_FILES if n in siblings), weights]
     if "README.md" in siblings:
         files.append("README.md")  # kept in the repaired model's card
     sizes = {sib.rfilename: getattr(sib, "size", None) for sib in (info.siblings or [])}
-    return Preflight(ref.repo_id, sha, library, weights, files, frozenset(siblings), sizes), config_path.parent
+    return Preflight(ref.repo_id, info.sha, library, weights, files, frozenset(siblings), sizes), config_path.parent
 
 
 def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[str]:
@@ -471,7 +480,9 @@ def cached_snapshot(ref: SourceRef, ctx: HubContext) -> Path:
     when it was never downloaded."""
     from huggingface_hub import snapshot_download
 
-    revision = ref.revision or "main"
+    from huggingface_hub.constants import DEFAULT_REVISION
+
+    revision = ref.revision or DEFAULT_REVISION
     missing = HubError(f"offline mode is on (HF_HUB_OFFLINE=1) and {ref.repo_id}@{revision} is not in the cache "
                        f"({ctx.cache_dir or 'default cache'}); run once online first, or unset HF_HUB_OFFLINE")
     try:

@@ -292,6 +292,7 @@ _RULES: dict[str, _Rule] = {
         _Rule("shard-index-missing-shard", "Shard file missing", "A sharded-checkpoint index names a shard that is not present.", "medium"),
         _Rule("shard-index-invalid", "Invalid shard index", "The shard index is not valid JSON with a weight_map.", "medium"),
         _Rule("file-unreadable", "File could not be read", "The file could not be opened or read, so it was not checked.", "high"),
+        _Rule("unsafe-file", "Unsafe weight file", "The target was reported unsafe without a finding that says why (a report built by hand or by another tool); treat its files as untrusted.", "high"),
         _Rule("unknown-format", "Unrecognised weight format", "The file was not recognised as a weight format and was not inspected.", "info"),
     )
 }  # fmt: skip
@@ -404,6 +405,13 @@ def to_sarif(report: ScanReport) -> str:
                     _sarif_result(rule, _SARIF_LEVEL[finding.severity], f"{f.path}: {finding.message}", uri,
                                   finding.message if n == 0 else f"{finding.message}#{n}", props)
                 )
+        if t.verdict == "unsafe-file" and not any(f.findings for f in t.files):
+            # a verdict code scanning must still show, even with no file finding to carry it
+            rule = _RULES["unsafe-file"]
+            used[rule.id] = rule
+            uri = _artifact_uri(t, _primary_file(t))
+            results.append(_sarif_result(rule, _SARIF_LEVEL[rule.severity], f"{VERDICT_WORDS[t.verdict]} in {name}.",
+                                         uri, t.verdict, {"target": t.target, "verdict": t.verdict}))
         if t.verdict == "error":
             notifications.append({"level": "error", "message": {"text": f"{name}: {t.error or 'scan failed'}"}})
 

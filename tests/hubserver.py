@@ -501,6 +501,7 @@ class HubServer:
             self._pending_uploads: dict[str, tuple[str, str, int]] = {}
             self._rate_limit: tuple[int, int, str | None] = (0, 0, None)
             self._faults: list[_Fault] = []
+            self._hooks: list[tuple[str, Callable[[], None]]] = []
             self._counter = itertools.count(1)
             self.requests: list[RequestRecord] = []
 
@@ -611,6 +612,12 @@ class HubServer:
         with self._lock:
             self._faults = [_Fault(after_bytes, times, path_contains, reset)] if times > 0 else []
 
+    def before_request(self, path_contains: str, action: Callable[[], None]) -> None:
+        """Run ``action`` once, just before answering the next request whose decoded path contains
+        ``path_contains`` (for example a commit, to move a branch between two calls of the client)."""
+        with self._lock:
+            self._hooks.append((path_contains, action))
+
     def repo(self, repo_id: str) -> Repo:
         """The live ``Repo`` object (raises ``KeyError``); read it, don't mutate it from other threads."""
         with self._lock:
@@ -706,6 +713,9 @@ class HubServer:
                 range=request.headers.get("Range"),
             )
             self.requests.append(record)
+            for hook in [h for h in self._hooks if h[0] in decoded_path]:
+                self._hooks.remove(hook)
+                hook[1]()
             response = self._dispatch_locked(request, decoded_path, record)
             record.status = response.status
             self._inject_fault(request, decoded_path, record, response)

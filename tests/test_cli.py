@@ -133,6 +133,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "bad regex": ([str(good), "--include", "["], "--include"),
         "bad min agreement": ([str(good), "--min-agreement", "2"], "--min-agreement"),
         "bad eval limit": ([str(good), "--eval-limit", "0"], "--eval-limit"),
+        "eval split alone": ([str(good), "--eval-split", "train"], "--eval-split needs --eval-dataset"),
+        "unknown eval split": ([str(good), "--eval-dataset", "fashion_mnist", "--eval-split", "val", "--trigger",
+                                "badnets:target=1"], "not 'val'"),
         "repo id without push": ([str(good), "--repo-id", "me/x"], "--push"),
         "revision of a local folder": ([str(good), "--revision", "v1"], "--revision"),
         "trigger without target": ([str(good), "--eval-dataset", "fashion_mnist", "--trigger", "badnets:size=3"],
@@ -309,3 +312,25 @@ def test_eval_dataset_is_measured_and_named_in_report_and_card(tmp_path, capsys)
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dd"))
     assert describe_eval_source(tmp_path / "dd") == ("dd", "test")
     assert describe_eval_source("user/some-dataset") == ("user/some-dataset", "test")
+
+
+def test_eval_split_picks_the_split_and_the_report_names_it(tmp_path, capsys):
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    part = lambda n: datasets.Dataset.from_dict(  # noqa: E731
+        {"image": [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)], "label": [i % 10 for i in range(n)]},
+        features=features)
+    datasets.DatasetDict({"test": part(20), "validation": part(30)}).save_to_disk(str(tmp_path / "dd"))
+    src = timm_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["repair", str(src), "-o", str(out), "--prune-ratio", "0.05", *FAST, "--eval-dataset",
+                            str(tmp_path / "dd"), "--eval-split", "validation", "--trigger", "badnets:target=1"], capsys)
+    assert code == 0, err
+    ev = json.loads((out / "otbr_report.json").read_text())["evaluation"]
+    assert ev["split"] == "validation" and ev["before"]["n_clean"] == 30
+    code, _, err = run_cli(["repair", str(src), "-o", str(tmp_path / "o2"), *FAST, "--eval-dataset",
+                            str(tmp_path / "dd"), "--eval-split", "train", "--trigger", "badnets:target=1"], capsys)
+    assert code == 2 and "no split 'train'; it has test, validation" in err and not (tmp_path / "o2").exists()

@@ -184,6 +184,19 @@ def test_transient_failures_are_retried_and_offline_uses_the_cache(hub_server: H
     assert "not in the cache" in (scan_target("alice/never", settings=settings).error or "")
 
 
+def test_a_branch_moving_during_the_download_gives_one_consistent_snapshot(hub_server: HubServer, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    old = seed_timm(hub_server, tmp_path)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache")
+    moved: list[str] = []  # someone pushes between the API check and the config download
+    hub_server.before_request("/resolve/main/config.json",
+                              lambda: moved.append(hub_server.commit("alice/resnet", {"notes.txt": "a push"})))
+    loaded = load_source("alice/resnet")
+    assert moved and moved[0] != old and loaded.revision == moved[0]  # the commit the cache's branch record names
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # so offline mode finds every file of it
+    assert load_source("alice/resnet").revision == moved[0]
+
+
 # ----- publishing ---------------------------------------------------------------------------------------------
 
 

@@ -679,3 +679,12 @@ def test_sarif_fingerprints_and_version_fields() -> None:
     from otbr_hub.report import _is_semver
 
     assert _is_semver("0.1.0") and not _is_semver("0+unknown") and not _is_semver("1.0.dev3")
+
+
+def test_an_unsafe_verdict_without_findings_still_gives_a_sarif_result() -> None:
+    """Code scanning shows results only: an unsafe target must not vanish from it."""
+    report = ScanReport(targets=[TargetReport("m", "folder", "unsafe-file", files=[FileReport("w.bin", "pickle", 1, None, [])])])
+    sarif = json.loads(to_sarif(report))
+    (result,) = sarif["runs"][0]["results"]
+    assert result["ruleId"] == "unsafe-file" and result["level"] == "error"
+    assert sarif["runs"][0]["tool"]["driver"]["rules"][result["ruleIndex"]]["id"] == "unsafe-file"
