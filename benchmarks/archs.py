@@ -325,8 +325,9 @@ def all_cases() -> list[Case]:
 # --------------------------------------------------------------------------- checks
 
 
-class _TimeLimit(Exception):
-    pass
+class _TimeLimit(BaseException):
+    """Raised by SIGALRM. Not an Exception, so the per-step ``except Exception`` handlers that
+    record a failing step let it through to the per-case time limit."""
 
 
 def _alarm(_sig: int, _frame: Any) -> None:
@@ -544,19 +545,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(json.dumps(summ))
     if not args.no_json:
-        from speed import machine
+        from speed import command_line, machine, write_json
 
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "command": "OMP_NUM_THREADS=%s python %s" % (os.environ.get("OMP_NUM_THREADS"),
-                                                          " ".join(["benchmarks/archs.py", *(argv or sys.argv[1:])])),
+            "command": command_line(),
             "machine": machine(),
             "settings": {"repair": {**CHEAP, "prune_ratio": 0.05}, "num_classes": NUM_CLASSES,
                          "scan_detector": {"inputs_per_class": 2, "steps": 5, "screen_steps": 2, "max_batch": 64}},
             "summary": summ,
             "rows": rows,
         }
-        args.output.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        write_json(args.output, payload)
         print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
     return 0
 

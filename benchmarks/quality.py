@@ -27,7 +27,7 @@ import argparse
 import copy
 import json
 import os
-import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -40,6 +40,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.speed import machine, write_json  # noqa: E402
 from otbr_hub import repair  # noqa: E402
 from otbr_hub.errors import UnsupportedModelError  # noqa: E402
 from otbr_hub.data import fashion_mnist_tensors  # noqa: E402
@@ -47,6 +48,7 @@ from otbr_hub.evaluate import EvalResult, der, evaluate  # noqa: E402
 from otbr_hub.fuse import fuse  # noqa: E402
 from otbr_hub.layers import select_layers  # noqa: E402
 from otbr_hub.prune import prune  # noqa: E402
+from otbr_hub.repair import _seeded  # noqa: E402
 from otbr_hub.score import neuron_weight_change  # noqa: E402
 from otbr_hub.unlearn import unlearn  # noqa: E402
 from otbr_hub.load import load_folder  # noqa: E402
@@ -98,7 +100,9 @@ def paper_oracle(loaded, data, trigger: Trigger, before: EvalResult) -> dict[str
     settings = preset("paper")
     model, spec = loaded.model, loaded.spec
     layers = select_layers(model, settings)
-    scores = neuron_weight_change(model, unlearn(model, spec, settings).model, layers, settings)
+    with _seeded(settings.seed, torch.device("cpu")):  # as repair() seeds it: reruns give the same numbers
+        unlearned = unlearn(model, spec, settings).model
+    scores = neuron_weight_change(model, unlearned, layers, settings)
     rows = []
     for r in PAPER_GRID:
         pr = prune(model, layers, scores, r, silence_norm=settings.prune_norm)
@@ -198,16 +202,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_results(out: Path, argv: list[str] | None, limit: int | None, rows: list[dict[str, Any]]) -> None:
     payload = {
-        "command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "command": shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "test_images": limit or 10000,
         "summary": summarize(rows),
         "models": rows,
     }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, out)
+    write_json(out, payload)
 
 
 def ensure_quick_models() -> list[Path]:
@@ -257,10 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summarize(rows), indent=2))
     print(markdown_table(rows))
     if args.quick:
+        # A model whose backdoor never took (ASR before < 50 %) proves nothing about the repair.
+        untaken = [r["model"] for r in rows if not r["clean"] and r["none"]["asr"] < 50]
         failed = [r["model"] for r in rows if not r["clean"] and (
             r["otbr_hub"]["asr"] >= 10 or r["none"]["acc"] - r["otbr_hub"]["acc"] > 5)]
+        if untaken:
+            print(f"QUICK CHECK INVALID: the backdoor did not take (ASR before < 50%) in {', '.join(untaken)}")
         if failed:
             print(f"QUICK CHECK FAILED: {', '.join(failed)}")
+        if untaken or failed:
             return 1
         print("quick check passed: every repaired model has ASR < 10% and lost <= 5 ACC points")
     return 0

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed import machine  # noqa: E402
+from benchmarks.speed import machine, write_json  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"machine": info, "models": args.models, "detector_flags": detector, "runs": runs, "best": best,
            "single_process_baseline_s": single["seconds"], "speedup_vs_best_single_process": speedup,
            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "scale-cpu.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(path, out)
     print("\nconfiguration                        seconds  speed-up vs best single process")
     for name, r in best.items():
         print(f"{name:36} {r['seconds']:7.1f}  {single['seconds'] / r['seconds']:8.2f}")

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,7 @@ def machine() -> dict[str, Any]:
         except Exception:  # pragma: no cover - informational only
             versions[name] = None
     return {
+        "command": command_line(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu,
@@ -98,6 +101,24 @@ def machine() -> dict[str, Any]:
     }
 
 
+def command_line() -> str:
+    """The command that produced a result, shell-quoted, with the thread settings it ran under."""
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ]
+    return shlex.join([*env, "python", *sys.argv])
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write a results file through a private temporary sibling, so a reader (or a second run
+    finishing at the same moment) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def results_path(device: str) -> Path:
     return RESULTS / f"speed-{'cuda' if device.startswith('cuda') else 'cpu'}.json"
 
@@ -107,6 +128,13 @@ def save_section(path: Path, section: str, data: Any, machine_info: dict[str, An
     ``merge_models`` the section's ``models`` already on file are kept unless remeasured
     (read at write time, so two runs of one mode can go on side by side)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Read-modify-write under a lock: two runs of different modes may finish together.
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _save_section_locked(path, section, data, machine_info, merge_models)
+
+
+def _save_section_locked(path: Path, section: str, data: Any, machine_info: dict[str, Any], merge_models: bool) -> None:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -121,9 +149,7 @@ def save_section(path: Path, section: str, data: Any, machine_info: dict[str, An
         data = {**data, "models": models}
     doc[section] = data
     doc["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, doc)
 
 
 def build_model(name: str, num_classes: int = 1000) -> Any:
@@ -264,9 +290,29 @@ def compare_scores(ref: Any, cand: Any) -> dict[str, float]:
     return out
 
 
+def score_key(loaded: Any, name: str, chunk: int | None) -> str:
+    """Cache key for a model's NWC scorings: its name plus a digest of what the scores depend
+    on besides the budget and seed: the weights, the default preset and the chunking."""
+    import hashlib
+
+    import torch
+
+    from otbr_hub.settings import preset
+
+    h = hashlib.sha1(json.dumps(preset("default").to_dict(), sort_keys=True, default=str).encode())
+    h.update(f"chunk={chunk}".encode())
+    with torch.no_grad():
+        for k, v in sorted(loaded.model.state_dict().items()):
+            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+            if v.is_floating_point() and v.numel():
+                h.update(f"{float(v.double().sum()):.10g},{float(v.double().abs().sum()):.10g}".encode())
+    return f"{name}-{h.hexdigest()[:10]}"
+
+
 def cached_scores(key: str, compute: Callable[[], Any]) -> Any:
     """Reference scorings take an hour on resnet50 at 224 px on a small CPU; keep them
-    (in the gitignored ``benchmarks/cache``) so that more candidates can be compared later."""
+    (in the gitignored ``benchmarks/cache``) so that more candidates can be compared later.
+    ``key`` comes from :func:`score_key`, so other weights or settings never hit a stale file."""
     import torch
 
     from otbr_hub.score import Scores
@@ -289,14 +335,15 @@ def run_nwc(args: argparse.Namespace) -> dict[str, Any]:
     for ref_name in args.models:
         loaded = load_model(ref_name)
         key = Path(ref_name).name if ref_name not in MODELS else ref_name
+        ckey = score_key(loaded, key, args.chunk)
         spec = loaded.spec
         print(f"== {key}: input {spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes", flush=True)
         if args.pairs:
-            per_model[f"{key} (self-agreement)"] = {"self_agreement": self_agreement(loaded, key, args)}
+            per_model[f"{key} (self-agreement)"] = {"self_agreement": self_agreement(loaded, ckey, args)}
             continue
         t0 = time.perf_counter()
         steps, batch, size = parse_budget(args.reference)
-        ref = cached_scores(f"{key}-{args.reference}-s0",
+        ref = cached_scores(f"{ckey}-{args.reference}-s0",
                             lambda: unlearn_scores(loaded, steps, batch, size, seed=0, chunk=args.chunk))
         entry: dict[str, Any] = {
             "input": [spec.channels, spec.height, spec.width],
@@ -307,7 +354,7 @@ def run_nwc(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  reference {args.reference}: {entry['reference']['seconds']} s, {ref.total} neurons", flush=True)
         if args.seed_floor:
             t0 = time.perf_counter()
-            other = cached_scores(f"{key}-{args.reference}-s1",
+            other = cached_scores(f"{ckey}-{args.reference}-s1",
                                   lambda: unlearn_scores(loaded, steps, batch, size, seed=1, chunk=args.chunk))
             entry["reference_seed1"] = {**compare_scores(ref, other), "seconds": round(time.perf_counter() - t0, 1)}
             print(f"  reference, seed 1: {_fmt(entry['reference_seed1'])}", flush=True)
@@ -315,7 +362,7 @@ def run_nwc(args: argparse.Namespace) -> dict[str, Any]:
         if args.truth:
             t0 = time.perf_counter()
             t_steps, t_batch, t_size = parse_budget(args.truth)
-            truth = cached_scores(f"{key}-{args.truth}-s2",
+            truth = cached_scores(f"{ckey}-{args.truth}-s2",
                                   lambda: unlearn_scores(loaded, t_steps, t_batch, t_size, seed=2, chunk=args.chunk))
             entry["truth"] = {"budget": args.truth, "seconds": round(time.perf_counter() - t0, 1),
                               "reference_vs_truth": compare_scores(truth, ref)}
@@ -606,7 +653,9 @@ def measure(what: str, folder: Path, args: argparse.Namespace, ratio: str | None
         if getattr(args, flag, None):
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr goes to a file: a pipe read only after exit stalls a child that warns a lot.
+    errlog = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errlog, text=True)
     lines: list[dict[str, Any]] = []
 
     def read() -> None:
@@ -639,11 +688,13 @@ def measure(what: str, folder: Path, args: argparse.Namespace, ratio: str | None
         time.sleep(0.25)
     reader.join(timeout=5)
     wall = round(time.perf_counter() - t0, 1)
+    errlog.seek(0)
+    err = errlog.read().strip().splitlines()[-3:]
+    errlog.close()
     result = next((l for l in lines if l["kind"] == "result"), None)
     if result is not None:
         return {**{k: v for k, v in result.items() if k not in ("kind", "t")}, "wall_s": wall}
     stages = [l for l in lines if l["kind"] == "stage"]
-    err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()[-3:]
     return {
         "stopped": why or f"exit code {proc.returncode}",
         "max_rss_mb_seen": round(max_rss / 1e6),

@@ -3,7 +3,8 @@
 Each model is written as a folder that ``otbr_hub.load.load_folder`` reads, exactly like a
 model downloaded from the Hub, plus a ``trigger.json`` recording the attack, how it was
 trained and the clean ACC / ASR it reached. Folders go to ``benchmarks/cache/`` (gitignored)
-and are reused unless ``--force`` is given.
+and are reused unless ``--force`` is given; a cached folder trained with other settings
+(epochs, limit, poison rate) is refused rather than reused.
 
 Inputs are Fashion-MNIST padded from 28x28 to 1x32x32 (black border, pixels untouched), so
 every architecture sees power-of-two sizes, normalised with mean 0.2860 and std 0.3530.
@@ -19,7 +20,7 @@ Examples::
 
     python benchmarks/zoo.py --arch resnet --attack badnets:target=3 --epochs 3
     python benchmarks/zoo.py --arch vit --attack clean --seed 1
-    python benchmarks/zoo.py --arch resnet --attack blended --limit 5000 --epochs 1   # smoke run
+    python benchmarks/zoo.py --arch resnet --attack blended --limit 5000 --epochs 1 --out /tmp/smoke   # smoke run
     python benchmarks/zoo.py --arch resnet --attack sig:target=2 --quick --print-folder
     python benchmarks/zoo.py --arch resnet --attack clean --imbalance 6:2 --quick   # shirts 2x as common
     python benchmarks/zoo.py --all                       # the standard zoo (see ZOO below)
@@ -67,6 +68,8 @@ import hashlib
 import json
 import math
 import os
+import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -410,10 +413,23 @@ def train_one(
     imb = parse_imbalance(imbalanced)
     out = Path(out) if out is not None else CACHE / folder_name(arch, trigger, seed, imbalanced)
     meta_path = out / "trigger.json"
+    settings = {"arch": arch, "attack": "clean" if trigger is None else trigger.spec(), "seed": seed,
+                "epochs": epochs, "poison_rate": None if trigger is None else rate, "limit": limit,
+                "imbalance": imbalanced}
     if meta_path.is_file() and not force:
         meta = json.loads(meta_path.read_text())
+        cached = meta.get("settings")
+        if cached != settings:
+            # The folder name encodes only arch/attack/seed/imbalance: a model trained with other
+            # epochs, limit or poison rate must not silently stand in for the one asked for.
+            differ = sorted(k for k in settings if (cached or {}).get(k, object()) != settings[k])
+            raise SystemExit(f"{out} holds a model trained with other settings ({', '.join(differ)}); "
+                             "pass --force to retrain it or --out for a separate folder")
         log(f"{out}: cached  ACC {meta['acc']:.2f}  ASR {_fmt(meta.get('asr'))}")
         return out, meta
+    # trigger.json marks a finished model: remove it first so an interrupted retrain is not
+    # mistaken for a finished one.
+    meta_path.unlink(missing_ok=True)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
@@ -459,8 +475,14 @@ def train_one(
         "train_seconds": round(seconds, 1),
         "device": str(dev),
         "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "settings": settings,
     }
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
     return out, meta
 
 
@@ -527,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads if args.threads else idle_cores())
 
     if args.all:
+        rejected = [flag for flag, given in (("--quick", args.quick), ("--imbalance", args.imbalance),
+                                             ("--out", args.out), ("--print-folder", args.print_folder))
+                    if given]
+        if rejected:
+            parser.error(f"--all trains the standard zoo into benchmarks/cache/; it does not take {', '.join(rejected)}")
         archs = [a for a in args.archs.split(",") if a]
         entries = zoo_entries(archs)
         if args.list:

@@ -206,28 +206,33 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     say = (lambda *a: None) if args.quiet else print
     bars = StageBars() if bars_wanted(args.quiet) else None
 
+    stage = bars or (lambda *a: None)
     t0 = time.perf_counter()
     try:
         loaded, load_s = _load_for_eval(source, evaluation, bars)
         result = repair(loaded, settings, progress=bars)
+        report = result.report
+        if evaluation is not None:
+            stage("evaluate")
+            report.timings["load"] = round(report.timings.get("load", 0.0) + load_s, 3)
+            report.evaluation = _evaluate(evaluation, result)
+        report.timings["total"] = round(time.perf_counter() - t0, 3)
+        _log_timings(report.timings)
+        report_dict = report.to_dict()
+        report_dict["command"] = _command(args)
+        if args.output:
+            stage("save")
+            out = save_model(result.source, result.model, args.output, overwrite=args.overwrite,
+                             extra_files=report_files(result.source, report_dict, args.output))
+        if publishing:
+            from .push import publish
+
+            stage("publish")
+            url = publish(result, report_dict, repo_id=args.repo_id, private=args.private, pr=args.pr,
+                          folder=out if args.output else None)
     finally:
         if bars is not None:
             bars.close()
-    report = result.report
-    if evaluation is not None:
-        report.timings["load"] = round(report.timings.get("load", 0.0) + load_s, 3)
-        report.evaluation = _evaluate(evaluation, result)
-    report.timings["total"] = round(time.perf_counter() - t0, 3)
-    _log_timings(report.timings)
-    report_dict = report.to_dict()
-    report_dict["command"] = _command(args)
-    if args.output:
-        out = save_model(result.source, result.model, args.output, overwrite=args.overwrite,
-                         extra_files=report_files(result.source, report_dict, args.output))
-    if publishing:
-        from .push import publish
-
-        url = publish(result, report_dict, repo_id=args.repo_id, private=args.private, pr=args.pr, folder=out if args.output else None)
 
     say(f"repaired {report.source} ({report.library}, {report.neurons_scored} neurons in {report.layers_scored} layers)")
     say(f"  prune ratio {report.prune_ratio:g}: {report.ratio_reason}")
@@ -394,6 +399,8 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
         result = repair(loaded, settings, progress=line)
         report = result.report
         if evaluation is not None:
+            if line is not None:
+                line("evaluate")
             report.timings["load"] = round(report.timings.get("load", 0.0) + load_s, 3)
             report.evaluation = _evaluate(evaluation, result)
         report.timings["total"] = round(time.perf_counter() - t0, 3)
@@ -424,6 +431,10 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
     except Exception as err:  # one broken model must not stop the others
         entry.update(status="error", error=error_text(err))
         log.info("repair of %s failed", source, exc_info=True)
+    except BaseException:  # Ctrl-C: end the live line so the error message starts on a line of its own
+        if line is not None:
+            line.close()
+        raise
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     if entry["status"] != "ok":
         if line is not None:
@@ -553,8 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         own_log.setLevel(logging.INFO)
     elif quiet:
         own_log.setLevel(logging.ERROR)
-    if not verbose:
-        _quiet_libraries(progress=not quiet and sys.stderr.isatty(), quiet=quiet)
+    _quiet_libraries(progress=not quiet and sys.stderr.isatty(), quiet=quiet, verbose=verbose)
     clean = False
     try:
         if args.command == "repair":
@@ -596,23 +606,31 @@ def _say_error(message: str, prefix: str = "otbr-hub: error") -> None:
     sys.stderr.flush()
 
 
-def _quiet_libraries(progress: bool, quiet: bool = False) -> None:
+def _quiet_libraries(progress: bool, quiet: bool = False, verbose: bool = False) -> None:
     """Keep library chatter (warnings, info logs) out of the user's terminal; download bars
-    only when a person is watching. transformers' own bars (loading, writing shards) would
-    only interleave with otbr-hub's per-stage display, so they stay off. With ``--quiet``
-    huggingface_hub's "Retrying in N s" warnings go too: the final error says what failed."""
+    only when a person is watching. transformers' and datasets' own bars (loading, writing
+    shards, converting an evaluation set) would only interleave with otbr-hub's per-stage
+    display, so they stay off. With ``--quiet`` huggingface_hub's "Retrying in N s" warnings
+    go too: the final error says what failed. ``-v`` keeps the libraries' warnings and logs,
+    but not their bars where there is nobody to watch them."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when datasets is imported (only with --eval-dataset): not worth a second of import here
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not progress:
+        disable_progress_bars()
+    if verbose:
+        return
     import warnings
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("timm").setLevel(logging.ERROR)
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as tlog
-
     tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    if not progress:
-        disable_progress_bars()
     hub_log = logging.getLogger("huggingface_hub")  # set after the import above, which sets its level
     hub_log.propagate = False  # it has a handler of its own: without this each line comes twice
     if quiet:  # the client's "Retrying in N s" lines; download notes are rerouted in otbr_hub.fetch

@@ -63,8 +63,12 @@ class ModelLine:
     """One terminal line for one model: its current stage while running, its outcome after."""
 
     def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        from huggingface_hub.utils import disable_progress_bars
         from tqdm.auto import tqdm
 
+        # huggingface_hub's download bars would be drawn over this line and scroll it away; the
+        # line shows the download as the model's "load" stage instead.
+        disable_progress_bars()
         self.label = label
         self._bar = tqdm(total=None, desc=label, file=stream or sys.stderr, leave=True, dynamic_ncols=True,
                          bar_format="{desc} [{elapsed}]")

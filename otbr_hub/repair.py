@@ -215,6 +215,8 @@ def repair(
             raise UsageError(f"{name} must be a callable or None, got {type(value).__name__}")
     if push and publish_as_pr:
         raise UsageError("push=True and pr=True are alternatives; pick one")
+    if progress is False:  # accepted above as "no display", like None; the stages call it otherwise
+        progress = None
     t = _Timer(progress)
     with t("load"):
         loaded = load_any(source, input_size=input_size, mean=mean, std=std)

@@ -353,7 +353,12 @@ def _scan_one(target: str, index: int, count: int, args: argparse.Namespace, set
     line = ModelLine(label) if bars_wanted(args.quiet) and not distributed else None
     if line is None and not args.quiet:
         print(f"scanning {label}", file=sys.stderr, flush=True)
-    result = scan_target(target, settings=settings, token=token, endpoint=args.endpoint, on_stage=line)
+    try:
+        result = scan_target(target, settings=settings, token=token, endpoint=args.endpoint, on_stage=line)
+    except BaseException:  # Ctrl-C: end the live line so the error message starts on a line of its own
+        if line is not None:
+            line.close()
+        raise
     if line is not None:
         line.finish(describe(result))
     elif not args.quiet:

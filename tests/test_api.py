@@ -346,6 +346,8 @@ def test_bad_normalisation_and_argument_types_are_usage_errors():
             otbr_hub.repair(tiny_timm(), prune_ratio=0.05, input_size=(1, 28, 28), **kw, **FAST)
     with pytest.raises(UsageError, match="progress must be a callable"):
         otbr_hub.repair(tiny_timm(), prune_ratio=0.05, progress=5, **MNIST, **FAST)
+    # False passes the check as "no display": it must mean that, not fail later
+    assert otbr_hub.repair(tiny_timm(), prune_ratio=0.05, progress=False, **MNIST, **FAST).report.neurons_pruned > 0
     with pytest.raises(UsageError, match="lr must be a positive number"):
         DetectSettings(lr=-1)
     with pytest.raises(UsageError, match="seed must be an integer"):

@@ -276,3 +276,38 @@ def test_channels_last_images_fall_back_for_a_forward_that_views_its_input() -> 
     with torch.no_grad():
         torch.testing.assert_close(forward_logits(model, x), model(x))
         torch.testing.assert_close(forward_logits(model, x), model(x))  # remembered, no second failure
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what was drawn on it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_sees_every_stage_and_a_clean_line_after_the_bars(models, tmp_path, monkeypatch, capsys) -> None:
+    """At a terminal, one model's bars name the stages after the repair too (save); with
+    several models each gets its one line, ending with its outcome."""
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    code = main(["repair", str(models[0]), "-o", str(tmp_path / "one"), "--device", "cpu", *FAST])
+    assert code == 0
+    for stage in ("load", "unlearn", "fuse", "save"):
+        assert f"{stage}" in term.text, stage
+    assert capsys.readouterr().out.startswith("repaired ")
+
+    term.text = ""
+    code = main(["repair", str(models[0]), str(models[1]), "-o", str(tmp_path / "two"), "--device", "cpu", *FAST])
+    assert code == 0
+    assert f"[1/2] {models[0]}: ratio 0.05" in term.text and f"[2/2] {models[1]}: ratio 0.05" in term.text
+    assert f"[1/2] {models[0]}: save" in term.text
