@@ -546,14 +546,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="uneven label shares: CLASS:FACTOR (class over-represented FACTOR times) or "
                              "lt:RATIO (geometric long tail); folder name gets -imbKxF / -ltR")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads if args.threads else idle_cores())
-
     if args.all:
         rejected = [flag for flag, given in (("--quick", args.quick), ("--imbalance", args.imbalance),
                                              ("--out", args.out), ("--print-folder", args.print_folder))
                     if given]
         if rejected:
             parser.error(f"--all trains the standard zoo into benchmarks/cache/; it does not take {', '.join(rejected)}")
+    torch.set_num_threads(args.threads if args.threads else idle_cores())
+
+    if args.all:
         archs = [a for a in args.archs.split(",") if a]
         entries = zoo_entries(archs)
         if args.list:
