@@ -190,7 +190,6 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings) -> int:
     """One source: ``--output`` is the model folder and errors end the command."""
     from .progress import StageBars, bars_wanted
-    from .repair import repair
     from .save import check_destination, report_files, save_model
 
     publishing = args.push or args.pr
@@ -207,19 +206,9 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     bars = StageBars() if bars_wanted(args.quiet) else None
 
     stage = bars or (lambda *a: None)
-    t0 = time.perf_counter()
     try:
-        loaded, load_s = _load_for_eval(source, evaluation, bars)
-        result = repair(loaded, settings, progress=bars)
+        result, report_dict = _repair_and_evaluate(args, source, settings, evaluation, bars)
         report = result.report
-        if evaluation is not None:
-            stage("evaluate")
-            report.timings["load"] = round(report.timings.get("load", 0.0) + load_s, 3)
-            report.evaluation = _evaluate(evaluation, result)
-        report.timings["total"] = round(time.perf_counter() - t0, 3)
-        _log_timings(report.timings)
-        report_dict = report.to_dict()
-        report_dict["command"] = _command(args)
         if args.output:
             stage("save")
             out = save_model(result.source, result.model, args.output, overwrite=args.overwrite,
@@ -386,7 +375,6 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
     """Repair, save and publish one of several sources; never raises for a problem with it."""
     from .distribute import writes_on_every_rank
     from .progress import ModelLine, bars_wanted
-    from .repair import repair
     from .save import report_files, save_model
 
     label = f"[{index + 1}/{count}] {source}"
@@ -395,18 +383,8 @@ def _repair_entry(args: argparse.Namespace, index: int, source: str, name: str, 
                              "output": None, "url": None, "error": None}
     t0 = time.perf_counter()
     try:
-        loaded, load_s = _load_for_eval(source, evaluation, line)
-        result = repair(loaded, settings, progress=line)
+        result, report_dict = _repair_and_evaluate(args, source, settings, evaluation, line)
         report = result.report
-        if evaluation is not None:
-            if line is not None:
-                line("evaluate")
-            report.timings["load"] = round(report.timings.get("load", 0.0) + load_s, 3)
-            report.evaluation = _evaluate(evaluation, result)
-        report.timings["total"] = round(time.perf_counter() - t0, 3)
-        _log_timings(report.timings)
-        report_dict = report.to_dict()
-        report_dict["command"] = _command(args)
         folder = None
         with writes_on_every_rank(result.model):
             if out_root is not None:
@@ -490,6 +468,28 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
 
     dataset = load_eval_dataset(args.eval_dataset, split)
     return dataset, trigger, args.eval_limit, describe_eval_source(args.eval_dataset, split)
+
+
+def _repair_and_evaluate(args: argparse.Namespace, source: str, settings: RepairSettings, evaluation: Any,
+                         progress: Any) -> tuple[Any, dict[str, Any]]:
+    """Repair one source, evaluate it with --eval-dataset, and return the result with its
+    report as written to disk (timings, evaluation and command included)."""
+    from .repair import repair
+
+    t0 = time.perf_counter()
+    loaded, load_s = _load_for_eval(source, evaluation, progress)
+    result = repair(loaded, settings, progress=progress)
+    report = result.report
+    if evaluation is not None:
+        if progress is not None:
+            progress("evaluate")
+        report.timings["load"] = round(report.timings.get("load", 0.0) + load_s, 3)
+        report.evaluation = _evaluate(evaluation, result)
+    report.timings["total"] = round(time.perf_counter() - t0, 3)
+    _log_timings(report.timings)
+    report_dict = report.to_dict()
+    report_dict["command"] = _command(args)
+    return result, report_dict
 
 
 def _load_for_eval(source: str, evaluation: Any, progress: Any) -> tuple[Any, float]:
