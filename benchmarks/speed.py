@@ -109,14 +109,10 @@ def command_line() -> str:
 
 def write_json(path: Path, doc: Any) -> None:
     """Write a results file through a private temporary sibling, so a reader (or a second run
-    finishing at the same moment) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    finishing at the same moment) never sees half a file (the scan reports' writer)."""
+    from otbr_hub.report import _write_atomically
+
+    _write_atomically(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def results_path(device: str) -> Path:
