@@ -110,9 +110,9 @@ def command_line() -> str:
 def write_json(path: Path, doc: Any) -> None:
     """Write a results file through a private temporary sibling, so a reader (or a second run
     finishing at the same moment) never sees half a file (the scan reports' writer)."""
-    from otbr_hub.report import _write_atomically
+    from otbr_hub.report import write_text_atomically
 
-    _write_atomically(path, json.dumps(doc, indent=2, default=str) + "\n")
+    write_text_atomically(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def results_path(device: str) -> Path:

@@ -350,7 +350,9 @@ def _repair_many(args: argparse.Namespace, sources: list[str], settings: RepairS
             "results": entries,
         }
         if out_root is not None:
-            _write_json(out_root / SUMMARY_FILE, summary)
+            from .report import write_text_atomically
+
+            write_text_atomically(out_root / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
         if not args.quiet:
             where = f"; summary in {out_root / SUMMARY_FILE}" if out_root is not None else ""
             print(f"repaired {summary['ok']} of {len(entries)} models in {summary['seconds']:.1f} s "
@@ -429,13 +431,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write next to the destination and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, str | None]] | None:

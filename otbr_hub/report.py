@@ -655,7 +655,7 @@ def is_report_text(text: str) -> bool:
     return first in ("## otbr-hub scan", "otbr-hub scan")
 
 
-def _write_atomically(target: Path, text: str) -> None:
+def write_text_atomically(target: Path, text: str) -> None:
     """Write a temporary sibling and move it into place, so a reader never sees half a report."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -697,7 +697,7 @@ def write_report(report: ScanReport, fmt: str, output_path: str | Path | None = 
         with open(target, "w", encoding="utf-8") as fh:
             fh.write(text)
         return
-    _write_atomically(target, text)
+    write_text_atomically(target, text)
 
 
 __all__ = [
