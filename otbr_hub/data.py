@@ -9,6 +9,7 @@ applied before normalisation, exactly as an attacker would stamp them on an imag
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,21 @@ def subset_indices(n: int, limit: int | None, seed: int = 0) -> torch.Tensor | N
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(0, limit)].sort().values
 
 
+def class_ids(values: Any, label_col: str) -> list[int]:
+    """Labels as ints; a float label must be a whole number (``3.0``), since ``int(0.5)``
+    would quietly measure the image against class 0."""
+    out = []
+    try:
+        for v in values:
+            i = int(v)
+            if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and i != v:
+                raise ValueError
+            out.append(i)
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"label column '{label_col}' does not hold integer class ids") from None
+    return out
+
+
 def to_tensors(ds, spec: InputSpec, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a dataset into (x float [N, C, H, W] in [0, 1], y long [N]) matching ``spec``.
 
@@ -249,11 +265,7 @@ def to_tensors(ds, spec: InputSpec, limit: int | None = None, seed: int = 0) -> 
     idx = subset_indices(len(ds), limit, seed)
     if idx is not None:
         ds = ds.select(idx.tolist())
-    labels = ds[label_col]
-    try:
-        y = torch.tensor([int(v) for v in labels], dtype=torch.long)
-    except (TypeError, ValueError):
-        raise UsageError(f"label column '{label_col}' does not hold integer class ids") from None
+    y = torch.tensor(class_ids(ds[label_col], label_col), dtype=torch.long)
     images = [_fit_size(_to_chw(img, spec.channels)[None], spec.height, spec.width)[0] for img in ds[image_col]]
     x = torch.stack(images) if images else torch.empty((0, spec.channels, spec.height, spec.width))
     return x.float().contiguous(), y

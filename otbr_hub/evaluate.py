@@ -99,7 +99,7 @@ def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger 
             idx = subset_indices(len(y), limit)
             _check_measurable((y[idx] if idx is not None else y).tolist(), trigger)
         return
-    from .data import dataset_num_classes, find_columns, subset_indices, to_tensors
+    from .data import class_ids, dataset_num_classes, find_columns, subset_indices, to_tensors
 
     ds = dataset_or_tensors
     declared = dataset_num_classes(ds)
@@ -113,10 +113,7 @@ def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger 
                          "map the labels to the model's ids first (ds.align_labels_with_mapping)")
     idx = subset_indices(len(ds), limit)  # the rows evaluate() will read
     rows = ds.select(idx.tolist()) if idx is not None else ds
-    try:
-        values = [int(v) for v in rows[label_col]]
-    except (TypeError, ValueError):
-        raise UsageError(f"label column '{label_col}' does not hold integer class ids") from None
+    values = class_ids(rows[label_col], label_col)
     if values and (min(values) < 0 or max(values) >= spec.num_classes):
         raise UsageError(f"dataset labels span {min(values)}..{max(values)} but the model has {spec.num_classes} classes")
     _check_measurable(values, trigger)

@@ -524,12 +524,24 @@ def _load_timm(folder: Path) -> LoadedModel:
 
     cfg = read_json_object(folder / "config.json")
     arch = cfg["architecture"]
+    for key, kind in (("model_args", dict), ("pretrained_cfg", dict)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise UnsupportedModelError(f"config.json: '{key}' must be an object, got {type(cfg[key]).__name__}")
+    if not isinstance(arch, str) or not arch:
+        raise UnsupportedModelError(f"config.json: 'architecture' must be a timm model name, got {arch!r}")
     kwargs = dict(cfg.get("model_args") or {})
     if "num_classes" in cfg:
         kwargs.setdefault("num_classes", cfg["num_classes"])
     pcfg = dict(cfg.get("pretrained_cfg") or {})
+    for key in ("label_names", "label_descriptions"):  # timm's Hub loader moves these into pretrained_cfg too
+        if key in cfg:
+            pcfg.setdefault(key, cfg[key])
     if "input_size" in pcfg:
-        kwargs.setdefault("in_chans", int(pcfg["input_size"][0]))
+        try:
+            pcfg["input_size"] = list(check_input_size(pcfg["input_size"]))
+        except UsageError as err:
+            raise UnsupportedModelError(f"config.json: pretrained_cfg.{err}") from None
+        kwargs.setdefault("in_chans", pcfg["input_size"][0])
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as err:
@@ -564,6 +576,13 @@ def _load_transformers(folder: Path) -> LoadedModel:
         raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise UnsupportedModelError(f"transformers cannot load the model: {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:  # transformers logs the mismatch report and raises a generic message
+        if "ignore_mismatched_sizes" in str(err):
+            raise UnsupportedModelError(
+                f"the weights do not match config.json (a tensor's shape differs: check num_labels/id2label, "
+                f"image_size, patch_size and the hidden sizes against {weight_file(folder).name})"
+            ) from None
+        raise
     # transformers fills a missing weight with a fresh random one and only logs it: a model
     # that is not the one in the files must not be repaired or scanned as if it were
     # (BatchNorm's step counter does nothing in eval mode; tensors the model does not use only get a note)

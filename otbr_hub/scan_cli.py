@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,8 +132,18 @@ def _read_target_file(name: str) -> list[str] | None:
         text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
     except OSError as err:
         raise UsageError(f"cannot read --from-file {name}: {err.strerror or err}") from None
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return [line for line in lines if line]
+    except UnicodeDecodeError:
+        raise UsageError(f"--from-file {name} is not a UTF-8 text file (one model per line)") from None
+    return [target for target in map(_strip_comment, text.splitlines()) if target]
+
+
+_COMMENT = re.compile(r"(^|\s)#.*$")
+
+
+def _strip_comment(line: str) -> str:
+    """A line without its comment: ``#`` at the start or after whitespace, as in a shell, so
+    that a folder named ``model#2`` is still a target and not ``model``."""
+    return _COMMENT.sub("", line).strip()
 
 
 def _token(var: str | None) -> str | None:

@@ -4,6 +4,7 @@ UsageErrors that name the field and its flag, and leaving the caller's state alo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -476,3 +477,45 @@ def test_detect_settings_take_numpy_numbers():
     import numpy as np
 
     assert DetectSettings(seed=np.int64(3), lr=np.float32(0.05)).seed == 3
+
+
+def test_a_target_list_keeps_a_hash_inside_a_name_and_drops_comments(tmp_path):
+    from otbr_hub.errors import UsageError
+    from otbr_hub.scan_cli import _read_target_file
+
+    listed = tmp_path / "models.txt"
+    listed.write_text("# the first line is a comment\nmodels/run#2\nuser/model@v1  # pinned\n\n   # indented comment\n")
+    assert _read_target_file(str(listed)) == ["models/run#2", "user/model@v1"]
+    listed.write_bytes(b"\xff\xfe models")
+    with pytest.raises(UsageError, match="not a UTF-8 text file"):
+        _read_target_file(str(listed))
+
+
+def test_malformed_configs_are_refused_with_what_is_wrong(tmp_path):
+    """Wrong types in a timm config.json, and a transformers config whose shapes do not fit
+    its weights, are one-line UnsupportedModelErrors, not a TypeError from deep inside."""
+    import shutil
+
+    from tiny import tiny_vit
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "badnets-resnet"
+    for i, (key, value, why) in enumerate([
+        ("model_args", [1, 2], "'model_args' must be an object"),
+        ("pretrained_cfg", [1], "'pretrained_cfg' must be an object"),
+        ("architecture", 5, "'architecture' must be a timm model name"),
+        ("input_size", [32, 32], r"pretrained_cfg\.input_size must be \(C, H, W\)"),
+        ("input_size", [1, -32, 32], r"pretrained_cfg\.input_size must be \(C, H, W\)"),
+    ]):
+        folder = shutil.copytree(example, tmp_path / f"timm{i}")
+        cfg = json.loads((folder / "config.json").read_text())
+        (cfg["pretrained_cfg"] if key == "input_size" else cfg)[key] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UnsupportedModelError, match=why):
+            load_folder(folder)
+    vit = tiny_vit()
+    vit.save_pretrained(tmp_path / "vit")
+    cfg = json.loads((tmp_path / "vit" / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "a", "1": "b"}, {"a": 0, "b": 1}
+    (tmp_path / "vit" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="the weights do not match config.json"):
+        load_folder(tmp_path / "vit")

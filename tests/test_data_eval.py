@@ -295,6 +295,36 @@ def test_class_names_in_another_order_are_refused() -> None:
     check_evaluation(SPEC32, ds, None, class_names=None)  # a model without names: nothing to compare
 
 
+def test_fractional_labels_are_refused_not_truncated() -> None:
+    from otbr_hub.evaluate import check_evaluation
+
+    images = _image_dataset(n=3)["image"]
+    halves = datasets.Dataset.from_dict({"image": images, "label": [0.5, 1.5, 2.5]})
+    with pytest.raises(UsageError, match="does not hold integer class ids"):
+        check_evaluation(SPEC32, halves, None)
+    with pytest.raises(UsageError, match="does not hold integer class ids"):
+        to_tensors(halves, SPEC32)
+    whole = datasets.Dataset.from_dict({"image": images, "label": [0.0, 1.0, 2.0]})  # floats that are class ids
+    check_evaluation(SPEC32, whole, None)
+    assert to_tensors(whole, SPEC32)[1].tolist() == [0, 1, 2]
+
+
+def test_a_timm_folder_s_class_names_are_compared_with_the_dataset_s() -> None:
+    """timm's save_pretrained writes label_names at the top of config.json, not in
+    pretrained_cfg: a dataset in another class order must still be caught."""
+    from pathlib import Path
+
+    from otbr_hub.evaluate import check_evaluation
+    from otbr_hub.load import class_names, load_folder
+
+    loaded = load_folder(Path(__file__).resolve().parents[1] / "examples" / "badnets-resnet")
+    names = class_names(loaded.model)
+    assert names is not None and names[0] == "T-shirt/top" and len(names) == 10
+    ds = _image_dataset(n=10).cast_column("label", datasets.ClassLabel(names=names[::-1]))
+    with pytest.raises(UsageError, match="in another order"):
+        check_evaluation(loaded.spec, ds, None, class_names=names)
+
+
 def test_nothing_to_measure_and_undecodable_images_are_refused_up_front() -> None:
     from otbr_hub.evaluate import check_evaluation
 
