@@ -152,7 +152,11 @@ def _source_key(source: str) -> str:
     """What makes two spellings the same source: the real path of a local folder (``./m``,
     ``m/``, a symlink), the repo id without timm's ``hf-hub:`` prefix."""
     path = Path(source).expanduser()
-    return os.path.realpath(path) if path.exists() else source.removeprefix("hf-hub:")
+    try:
+        exists = path.exists()
+    except OSError as err:  # a name longer than the filesystem allows
+        raise UsageError(f"cannot use {source[:80]}{'...' if len(source) > 80 else ''} as a source: {err.strerror or err}") from None
+    return os.path.realpath(path) if exists else source.removeprefix("hf-hub:")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -272,7 +276,7 @@ def folder_names(sources: Sequence[str]) -> list[str]:
     from .fetch import is_hub_source, parse_source
 
     names: list[str] = []
-    taken: set[str] = set()
+    taken: set[str] = {SUMMARY_FILE.lower()}  # a source folder named like the summary must not take its place
     for src in sources:
         if is_hub_source(src):
             ref = parse_source(src)
@@ -303,6 +307,11 @@ def _check_parent_output(out: Path, names: list[str], overwrite: bool, sources: 
     for name, src in zip(names, sources):
         if would_replace(out / name, src):
             raise UsageError(f"{out / name} would replace the source model {src}: choose another --output")
+    for name in names:  # --overwrite replaces a model folder, never a file in its place
+        if (out / name).exists() and not (out / name).is_dir():
+            raise UsageError(f"{out / name} exists and is not a folder")
+    if (out / SUMMARY_FILE).is_dir():
+        raise UsageError(f"{out / SUMMARY_FILE} is a folder: the summary cannot be written there")
     if overwrite:
         return
     for name in [*names, SUMMARY_FILE]:
@@ -437,8 +446,11 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
     """Parse --eval-dataset/--trigger up front so a typo fails before the slow part."""
     if args.eval_split is not None and not args.eval_dataset:
         raise UsageError("--eval-split needs --eval-dataset")
-    if not args.eval_dataset and not args.trigger:
+    if args.eval_dataset is None and args.trigger is None:
         return None
+    for flag, value in (("--eval-dataset", args.eval_dataset), ("--trigger", args.trigger)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} is empty")
     if not (args.eval_dataset and args.trigger):
         raise UsageError("--eval-dataset and --trigger go together")
     split = "test" if args.eval_split is None else args.eval_split.strip()
@@ -451,9 +463,11 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
         raise UsageError(f"--trigger {spec}: no such file")
     if os.path.isfile(spec):
         try:
-            data = json.loads(Path(spec).read_text())
+            data = json.loads(Path(spec).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise UsageError(f"cannot read trigger file {spec}: {err}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"cannot read trigger file {spec}: it is not UTF-8 text (a JSON trigger spec)") from None
         spec = data.get("trigger", data) if isinstance(data, dict) else data
     trigger = parse_trigger(spec)
     named = "target" in spec if isinstance(spec, dict) else "target=" in str(spec).replace(" ", "")

@@ -193,6 +193,8 @@ class DetectSettings:
         check_device(self.device, "DetectSettings.device", auto=False, none="where the model is")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:  # what torch's generators take
+            raise UsageError(f"seed must be in [0, 2**63), got {self.seed}")
         if not isinstance(self.lr, numbers.Real) or isinstance(self.lr, bool) or not math.isfinite(self.lr) or self.lr <= 0:
             raise UsageError(f"lr must be a positive number, got {self.lr!r}")
         if self.inputs_per_class < 1 or self.steps < 1 or self.screen_inputs < 1 or self.screen_steps < 0:

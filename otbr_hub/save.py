@@ -27,10 +27,37 @@ MAX_SHARD_SIZE: int | str = "2GB"
 _CARRY = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 
 
+_MAX_NAME = 255 - 24
+"""Longest output folder name (bytes): the folder is written as ``.NAME.XXXXXXXX.tmp`` next to
+it and renamed, and most filesystems take 255 bytes per name."""
+
+
 def check_destination(out_dir: str | Path, *, overwrite: bool = False, source: str | Path | None = None) -> Path:
     """Fail early (before any work) when the destination cannot be written, or when writing it
     would replace ``source`` (the folder the model is read from) or a folder that holds it."""
     out = Path(out_dir).expanduser().absolute()
+    try:
+        out = _follow_link(out, out_dir)
+        return _check_destination(out, out_dir, overwrite, source)
+    except OSError as err:  # a name or path too long for the filesystem, a loop of links...
+        raise UsageError(f"cannot use {out_dir} as the output folder: {err.strerror or err}") from None
+
+
+def _follow_link(out: Path, out_dir: str | Path) -> Path:
+    """A symlinked destination means its target: the link stays and the folder it points to
+    is written (replacing the link itself would leave the target untouched)."""
+    if not out.is_symlink():
+        return out
+    target = out.resolve()
+    if not target.exists():
+        raise UsageError(f"{out_dir} is a symbolic link to {target}, which does not exist")
+    return target
+
+
+def _check_destination(out: Path, out_dir: str | Path, overwrite: bool, source: str | Path | None) -> Path:
+    if len(os.fsencode(out.name)) > _MAX_NAME:
+        raise UsageError(f"the output folder's name is {len(os.fsencode(out.name))} bytes long; names of at "
+                         f"most {_MAX_NAME} bytes leave room for the temporary name it is written under")
     if not out.parent.exists():
         raise UsageError(f"the parent folder of {out_dir} does not exist")
     if not out.parent.is_dir():

@@ -146,6 +146,8 @@ class RepairSettings:
         for name in ("lam", "clean_lambda", "min_agreement"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise _bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:  # what torch's generators take
+            raise _bad("seed", f"must be in [0, 2**63), got {self.seed}")
         if self.unlearn_steps < 1:  # with no step every neuron's weight change is 0: nothing to rank by
             raise _bad("unlearn_steps", f"must be >= 1, got {self.unlearn_steps}")
         for name in ("unlearn_batch", "unlearn_chunk", "verify_samples"):

@@ -33,6 +33,7 @@ Known triggers (parameter defaults in brackets):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -227,15 +228,22 @@ def _coerce(kind: TriggerKind, key: str, value: Any) -> Any:
                 return value.strip().lower() in ("1", "true", "yes", "on")
             return bool(value)
         if isinstance(default, int):
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
+            as_int = int(value) if isinstance(value, numbers.Integral) or (isinstance(value, str) and value.strip().lstrip("+-").isdigit()) else None
+            if as_int is None:
+                as_float = float(value)
+                if as_float != int(as_float):
+                    raise ValueError
+                as_int = int(as_float)
+            if key == "seed" and not 0 <= as_int < 2**63:  # what torch's generators take
+                raise UsageError(f"{kind.name}: seed must be in [0, 2**63), got {as_int}")
+            return as_int
         if isinstance(default, float):
             number = float(value)
             if not math.isfinite(number):
                 raise ValueError
             return number
+    except UsageError:
+        raise
     except (TypeError, ValueError, OverflowError):
         raise UsageError(f"{kind.name}: {key} must be a finite {type(default).__name__}, got '{value}'") from None
     return str(value)

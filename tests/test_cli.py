@@ -334,3 +334,49 @@ def test_eval_split_picks_the_split_and_the_report_names_it(tmp_path, capsys):
     code, _, err = run_cli(["repair", str(src), "-o", str(tmp_path / "o2"), *FAST, "--eval-dataset",
                             str(tmp_path / "dd"), "--eval-split", "train", "--trigger", "badnets:target=1"], capsys)
     assert code == 2 and "no split 'train'; it has test, validation" in err and not (tmp_path / "o2").exists()
+
+
+def test_output_links_long_names_and_reserved_names_are_handled_before_the_repair(tmp_path, capsys):
+    """Review fixes: a symlinked --output writes the folder it points to (the link stays); a
+    dangling link, a name too long for the temporary sibling and a seed torch cannot take are
+    refused up front; with several sources a file where a model folder goes is refused even
+    with --overwrite, and a source folder named like the summary does not take its place."""
+    src = timm_folder(tmp_path / "src")
+    target = tmp_path / "real-out"
+    target.mkdir()
+    link = tmp_path / "link-out"
+    link.symlink_to(target)
+    code, _, err = run_cli(["repair", str(src), "-o", str(link), "--prune-ratio", "0.05", "-q", *FAST], capsys)
+    assert code == 0, err
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden leftovers
+    code, _, err = run_cli(["repair", str(src), "-o", str(link), "--prune-ratio", "0.05", "-q", "--overwrite", *FAST], capsys)
+    assert code == 0, err
+    assert link.is_symlink() and (target / "otbr_report.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for args, why in [
+        (["-o", str(dangling)], "symbolic link to .*nowhere, which does not exist"),
+        (["-o", str(tmp_path / ("x" * 250))], "250 bytes long"),
+        (["-o", str(tmp_path / ("y" * 300))], "250 bytes long|File name too long"),
+        (["-o", str(tmp_path / "o"), "--seed", str(2**70)], r"seed \(--seed\) must be in \[0, 2\*\*63\)"),
+        (["-o", str(tmp_path / "o"), "--trigger", "", "--eval-dataset", "fashion_mnist"], "--trigger is empty"),
+    ]:
+        code, _, err = run_cli(["repair", str(src), "--prune-ratio", "0.05", *args, *FAST], capsys)
+        assert code != 0 and len(err.strip().splitlines()) == 1, (args, err)
+        assert __import__("re").search(why, err), (why, err)
+
+    many = tmp_path / "many"
+    many.mkdir()
+    (many / "src").write_text("not a folder")
+    other = timm_folder(tmp_path / "other")
+    code, _, err = run_cli(["repair", str(src), str(other), "-o", str(many), "--overwrite", "-q", *FAST], capsys)
+    assert code == 2 and "exists and is not a folder" in err and not (many / "other").exists(), err
+    summary_named = timm_folder(tmp_path / "repair_summary.json")
+    out = tmp_path / "two"
+    code, _, err = run_cli(["repair", str(summary_named), str(src), "-o", str(out), "--prune-ratio", "0.05", "-q", *FAST], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "repair_summary.json").read_text())
+    assert sorted(Path(r["output"]).name for r in summary["results"]) == ["repair_summary.json-2", "src"]
