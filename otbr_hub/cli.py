@@ -133,6 +133,8 @@ def _sources(args: argparse.Namespace) -> list[str]:
     from .scan_cli import _read_target_file
 
     sources = list(args.sources)
+    if any(not s.strip() for s in sources):
+        raise UsageError("an empty source was given (an unset variable?); name a model folder or Hub repo id")
     listed = _read_target_file(args.from_file) if args.from_file else []
     if listed is None:  # standard input, read by the first process of a launch: its list is used
         return sources

@@ -339,6 +339,8 @@ def _artifact_uri(target: TargetReport, file_path: str | None) -> str:
         full = base
     else:
         full = base / file_path if file_path else base
+    if not full.is_absolute() and ".." in full.parts:  # ../model: judge it from where it really is
+        full = Path(os.path.normpath(Path.cwd() / full))
     if full.is_absolute():
         try:
             full = full.relative_to(Path.cwd())
@@ -510,7 +512,10 @@ def _unsafe_text(t: TargetReport, limit: int = 3) -> str:
 
 
 def _md_cell(text: str) -> str:
-    """Table cells must stay on one line and must not end the cell early."""
+    """Table cells must stay on one line and must not end the cell early. Text in them can come
+    from a scanned file (a pickle's import names, a folder name), so HTML is escaped too: a job
+    summary or PR comment renders ``<details>`` and would let a hostile file hide or fake lines."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 

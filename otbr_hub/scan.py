@@ -138,6 +138,8 @@ def expand_targets(
     out: list[str] = []
     for raw in targets:
         text = os.fspath(raw)
+        if not text.strip():  # Path("") is the working directory
+            raise UsageError("an empty target was given; name a folder, file or repo id")
         path = Path(text)
         out += [str(p) for p in _model_folders(path)] if path.is_dir() else [text]
     tags = list(filters)

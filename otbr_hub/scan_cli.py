@@ -282,6 +282,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from .scan import expand_targets, report_settings
 
     targets = list(args.targets)
+    if any(not t.strip() for t in targets):  # Path("") is the working directory: never scan it by accident
+        raise UsageError("an empty target was given (an unset variable?); name a folder, file or repo id")
     listed = _read_target_file(args.from_file) if args.from_file else []
     targets += listed or []
     query = bool(args.author or args.search or args.filters)

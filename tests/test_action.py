@@ -90,10 +90,18 @@ def test_an_old_report_is_not_taken_for_this_runs(runner, tmp_path: Path) -> Non
 
 
 def test_a_bad_format_or_bad_args_quoting_still_sets_the_outputs(runner) -> None:
+    """The step itself succeeds, so that the summary step still sets ``verdict`` (to "none");
+    the action's last step fails the job with the exit code 4 recorded here."""
     rc, out, args, _ = runner(OTBR_FORMAT="xml", OTBR_MODELS="x")
-    assert rc == 4 and out == {"report": "", "fresh": "false", "exit-code": "4"} and args == []
+    assert rc == 0 and out == {"report": "", "fresh": "false", "exit-code": "4"} and args == []
     rc, out, args, _ = runner(OTBR_MODELS="x", OTBR_ARGS='--cache-dir "/a b')  # unbalanced quote
-    assert rc == 4 and out["exit-code"] == "4" and args == []
+    assert rc == 0 and out["exit-code"] == "4" and args == []
+
+
+def test_whitespace_only_args_add_no_empty_word(runner) -> None:
+    """An empty word would reach the CLI as a target "" (the working directory)."""
+    rc, out, args, _ = runner(OTBR_MODELS="x", OTBR_ARGS="  \n ")
+    assert rc == 0 and "" not in args and args[-2:] == ["--limit", "50"]
 
 
 def test_changed_model_detection_keeps_any_file_name_and_stays_under_models(tmp_path: Path) -> None:

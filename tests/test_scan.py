@@ -880,3 +880,32 @@ def test_quiet_hides_the_hub_clients_retry_lines(folders, tmp_path, capfd, monke
     assert code == 2
     assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("otbr-hub: error:")]
     assert "Retrying" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_text_from_a_scanned_file_cannot_inject_html_and_paths_stay_inside(tmp_path, capsys, monkeypatch) -> None:
+    """A pickle's import names and a folder's name reach the Markdown summary escaped; an empty
+    target is refused (it would mean the working directory); a ``../`` target's SARIF URI
+    does not climb out of the checkout."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "badnets-resnet"
+    bad = tmp_path / "repo" / "<details>"
+    bad.mkdir(parents=True)
+    shutil.copyfile(example / "config.json", bad / "config.json")
+    # a pickle importing a made-up global whose name carries HTML
+    (bad / "pytorch_model.bin").write_bytes(b"c<details><summary>all clean</summary>\nsystem\n(tR.")
+    monkeypatch.chdir(tmp_path / "repo")
+    code, out, _ = run(["scan", "<details>", "--format", "markdown", "-q", "--fail-on", "none"], capsys)
+    assert code == 0 and "unsafe" in out.lower()
+    import re
+
+    outside_code = re.sub(r"(`+)(?:(?!\1).)*\1", "", out)  # code spans show their text literally
+    assert "<details>" not in outside_code and "<summary>" not in outside_code and "&lt;summary&gt;" in outside_code
+
+    code, _, err = run(["scan", "", "--format", "json", "-q"], capsys)
+    assert code == 4 and "empty target" in err
+
+    (tmp_path / "repo" / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "repo" / "sub")
+    code, out, _ = run(["scan", "../<details>", "--format", "sarif", "-q", "--fail-on", "none"], capsys)
+    uris = [loc["physicalLocation"]["artifactLocation"]["uri"]
+            for r in json.loads(out)["runs"][0]["results"] for loc in r["locations"]]
+    assert uris and not any(u.startswith("..") for u in uris), uris
