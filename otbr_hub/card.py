@@ -224,6 +224,7 @@ def _template_values(report: dict[str, Any], *, repo_id: str | None, source_read
         "library": library,
         "source": source_label(report),
         "hub_source": is_hub_source(report),
+        "memory_source": str(report.get("source")) == "<in-memory>",  # otbr_hub.load.IN_MEMORY (kept free of torch here)
         "revision": report.get("revision"),
         "version": report.get("otbr_hub_version") or __version__,
         "command": public_command(report.get("command")),

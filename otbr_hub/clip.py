@@ -401,6 +401,7 @@ def _relu6_like(relu: nn.Module) -> nn.ReLU6:
     """A ReLU6 in the place of ``relu``, with its hooks: a user's feature capture on an
     activation must keep working on the repaired model."""
     new = nn.ReLU6(inplace=getattr(relu, "inplace", False))
+    new.train(relu.training)  # the model's train/eval flags stay as they were, module by module
     for attr in _HOOK_DICTS:
         if hasattr(relu, attr) and hasattr(new, attr):
             getattr(new, attr).update(getattr(relu, attr))

@@ -188,9 +188,36 @@ class DetectSettings:
     Models without BatchNorm or a head LayerNorm are judged by the first test alone, exactly
     as without this option."""
 
+    def _check_types(self) -> None:
+        """Name a wrong type (``steps="x"``, ``inputs_per_class=2.5``) instead of letting it fail
+        as a TypeError in a comparison or deep inside the search; numpy numbers are taken."""
+        import dataclasses
+        import typing
+
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            optional = type(None) in typing.get_args(hint)
+            kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+            if value is None and optional:
+                continue
+            if bool in kinds:
+                if not isinstance(value, (bool, np.bool_)):
+                    raise UsageError(f"{f.name} must be True or False, got {value!r}")
+                setattr(self, f.name, bool(value))
+            elif int in kinds:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise UsageError(f"{f.name} must be an integer, got {value!r}")
+                setattr(self, f.name, int(value))
+            elif float in kinds:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise UsageError(f"{f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+
     def __post_init__(self) -> None:
         """A one-line :class:`UsageError` (also a ValueError) for values the search cannot use."""
         check_device(self.device, "DetectSettings.device", auto=False, none="where the model is")
+        self._check_types()
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise UsageError(f"seed must be an integer, got {self.seed!r}")
         if not 0 <= self.seed < 2**63:  # what torch's generators take

@@ -180,6 +180,9 @@ def input_spec(
             pass
         m, s = cfg.get("mean"), cfg.get("std")
         n = getattr(model, "num_classes", None)
+        head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+        if isinstance(head, nn.Linear) and n and head.out_features != n:
+            n = head.out_features  # the head was swapped after create_model (model.fc = nn.Linear(...))
     elif lib == "transformers":
         cfg = model.config
         # CLIP/SigLIP-style classifiers keep the image settings in their vision tower's config
@@ -337,6 +340,8 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
     if out.dim() != 2 or tuple(out.shape) != (1, spec.num_classes):
         raise UnsupportedModelError(
             f"the model returns logits of shape {tuple(out.shape)} for one image, expected (1, {spec.num_classes})"
+            + (f"; if it has {out.shape[1]} classes, pass otbr_hub.from_model(model, num_classes={out.shape[1]})"
+               if out.dim() == 2 and out.shape[0] == 1 else "")
         )
     if not torch.isfinite(out).all():
         raise UnsupportedModelError("the model returns non-finite logits (NaN or inf) for a blank image; its weights may be corrupt")
@@ -346,6 +351,10 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype inputs should have: that of the first floating-point parameter (an integer
     parameter, such as a lookup table, says nothing about it); float32 when there is none."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+IN_MEMORY = "<in-memory>"
+"""``LoadedModel.source`` of a model given as an object, not read from a folder or the Hub."""
 
 
 def class_names(model: nn.Module) -> list[str] | None:
@@ -654,4 +663,4 @@ def from_model(
         )
     dtype = source_dtype({str(i): p for i, p in enumerate(params)})
     spec = input_spec(model, input_size=input_size, mean=mean, std=std, num_classes=num_classes)
-    return LoadedModel(model=model, library=library_of(model), spec=spec, source="<in-memory>", dtype=dtype)
+    return LoadedModel(model=model, library=library_of(model), spec=spec, source=IN_MEMORY, dtype=dtype)

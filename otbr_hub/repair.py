@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +303,10 @@ def repair(
         if not check.ok:
             raise OtbrError(f"the repaired model failed verification: {'; '.join(check.problems)}")
 
-    out = _same_kind(loaded.model, fused_model, loaded.dtype)
+    # after the working model's train/eval flags are back (the copy takes them), but outside
+    # inference mode: a caller under torch.inference_mode() gets ordinary, trainable tensors
+    with torch.inference_mode(False):
+        out = _same_kind(loaded.model, fused_model, loaded.dtype)
     report = RepairReport(
         source=loaded.source,
         revision=loaded.revision,
@@ -450,6 +454,7 @@ def _scan_original(detector: Any, work: nn.Module, spec: Any, settings: RepairSe
                f"was fused lightly (lambda {settings.clean_lambda:g}) to keep a clean model's accuracy; the scan misses some "
                f"backdoors: give --prune-ratio {settings.fallback_ratio:g} for a full-strength repair")
         return _Plan(None, True, why, scan)
+    detector = _checked_detector(detector)
     with t("detect"):
         flagged, p = detector(work)
     release_memory()
@@ -460,9 +465,25 @@ def _scan_original(detector: Any, work: nn.Module, spec: Any, settings: RepairSe
     return _Plan(None, True, why, _last_scan(detector))
 
 
+def _checked_detector(detector: Any) -> Any:
+    """A caller's ``detector`` whose answers are checked: ``(flagged, p)`` with p in [0, 1],
+    or a UsageError that says so (instead of a failed unpacking deep in the ratio walk)."""
+
+    def call(model: nn.Module) -> tuple[bool, float]:
+        out = detector(model)
+        ok = isinstance(out, (tuple, list)) and len(out) == 2
+        p = out[1] if ok else None
+        if not ok or isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) <= 1.0:
+            raise UsageError(f"detector must return (flagged: bool, p_value: float in [0, 1]), got {out!r:.80}")
+        return bool(out[0]), float(p)
+
+    call.source = detector  # type: ignore[attr-defined]
+    return call
+
+
 def _last_scan(detector: Any) -> dict[str, Any] | None:
     """The detector's most recent full result, when it keeps one (the built-in one does)."""
-    last = getattr(detector, "last", None)
+    last = getattr(getattr(detector, "source", detector), "last", None)
     return dict(last) if isinstance(last, dict) else None
 
 

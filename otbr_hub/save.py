@@ -65,7 +65,7 @@ def _check_destination(out: Path, out_dir: str | Path, overwrite: bool, source: 
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out_dir} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out_dir} is not empty (pass --overwrite to replace it)")
+        raise UsageError(f"{out_dir} is not empty (pass --overwrite, or overwrite=True from Python, to replace it)")
     if source is not None and would_replace(out, source):
         raise UsageError(f"{out_dir} holds the source model {source}: write the repaired model somewhere else")
     check_writable(out.parent)

@@ -38,7 +38,7 @@ from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError, error_text
 from .fetch import HubContext, _shards, cached_snapshot, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
-from .load import LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
+from .load import IN_MEMORY, LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
 from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
 
 log = logging.getLogger("otbr_hub")
@@ -401,7 +401,7 @@ def _memory_label(target: nn.Module | LoadedModel, position: int | None = None) 
     """``<in-memory ResNet #2>``: the class, and the position among a call's targets, so two
     models in one report can be told apart. A LoadedModel keeps the source it names."""
     if isinstance(target, LoadedModel):
-        if target.source and target.source != "<in-memory>":
+        if target.source and target.source != IN_MEMORY:
             return target.source
         target = target.model
     where = f" #{position}" if position is not None else ""
@@ -517,15 +517,22 @@ def scan(
         if not isinstance(t, (nn.Module, LoadedModel, str, os.PathLike)):
             raise UsageError(f"cannot scan an object of type {type(t).__name__}: give models, paths or repo ids")
     tags = list(filters)
-    concrete: list[tuple[Target, int | None]] = []  # with an in-memory model's 1-based place among the targets
-    names: list[str | os.PathLike[str]] = []
+    # in the order given (a caller may zip its inputs with report.targets), each named target
+    # once, the Hub query's models last; an in-memory model keeps its 1-based place for its label
+    concrete: list[tuple[Target, int | None]] = []
+    seen: set[str] = set()
+
+    def add(found: list[str]) -> None:
+        concrete.extend((name, None) for name in found if name not in seen)
+        seen.update(found)
+
     for i, t in enumerate(targets, 1):
         if isinstance(t, (nn.Module, LoadedModel)):
             concrete.append((t, i))
         else:
-            names.append(t)
-    found = expand_targets(names, author=author, search=search, filters=tags, limit=limit, token=token, endpoint=endpoint)
-    concrete += [(name, None) for name in found]
+            add(expand_targets([t]))
+    if author or search or tags:
+        add(expand_targets(author=author, search=search, filters=tags, limit=limit, token=token, endpoint=endpoint))
     query = {"author": author, "search": search, "filters": tags, "limit": limit} if author or search or tags else None
     report = ScanReport(settings=report_settings(settings, query))
     for target, position in concrete:

@@ -519,3 +519,37 @@ def test_malformed_configs_are_refused_with_what_is_wrong(tmp_path):
     (tmp_path / "vit" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="the weights do not match config.json"):
         load_folder(tmp_path / "vit")
+
+
+def test_review_fixes_of_the_python_api(tmp_path):
+    """A repair under inference_mode gives trainable tensors; the new ReLU6s keep each module's
+    train/eval flag; a head swapped after create_model is taken at its own width; a custom
+    detector's bad answer is a UsageError; scan keeps the order of its targets; the card of an
+    in-memory model says so instead of naming a folder '<in-memory>'."""
+    from otbr_hub import DetectSettings
+
+    model = tiny_timm()
+    model.train()
+    model.layer2.eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    with torch.inference_mode():
+        res = otbr_hub.repair(model, prune_ratio=0.05, **MNIST, **FAST)
+    assert not any(p.is_inference() for p in res.model.parameters())
+    assert {n: m.training for n, m in res.model.named_modules()} == flags
+    res.model(torch.rand(2, 1, 28, 28)).sum().backward()  # trainable
+    assert "given to `otbr_hub.repair`" in (res.save(tmp_path / "mem") / "README.md").read_text()
+
+    swapped = tiny_timm()
+    swapped.fc = nn.Linear(64, 5)
+    assert otbr_hub.repair(swapped, prune_ratio=0.05, **MNIST, **FAST).report.input["num_classes"] == 5
+
+    checks = {**FAST, "detector": lambda m: "yes"}
+    with pytest.raises(UsageError, match=r"detector must return \(flagged: bool, p_value"):
+        otbr_hub.repair(tiny_timm(), **MNIST, **checks)
+    with pytest.raises(UsageError, match="steps must be an integer"):
+        DetectSettings(steps="x")
+
+    folder = timm_folder(tmp_path / "folder")
+    cheap = DetectSettings(inputs_per_class=1, steps=2, weight_evidence=False)
+    report = otbr_hub.scan(str(folder), from_model(tiny_timm(), **MNIST), settings=cheap)
+    assert [t.target for t in report.targets][0] == str(folder) and report.targets[1].target.startswith("<in-memory")
