@@ -8,11 +8,13 @@ applied before normalisation, exactly as an attacker would stamp them on an imag
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 from .load import InputSpec
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_ROOT = Path(os.environ.get("OTBR_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_LABELS = (
@@ -119,6 +123,25 @@ def describe_eval_source(name_or_path: str | Path, split: str = "test") -> tuple
     return text, split
 
 
+class _RetryNotes(logging.Filter):
+    """huggingface_hub's retry warnings ("... thrown while requesting HEAD ...", "Retrying in
+    1s") go to otbr-hub's log (shown with -v): an unreachable dataset ends in one error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.info("%s", record.getMessage().splitlines()[0] if record.getMessage() else "retrying")
+        return False
+
+
+@contextlib.contextmanager
+def _retries_to_log() -> Iterator[None]:
+    notes, hub_http = _RetryNotes(), logging.getLogger("huggingface_hub.utils._http")
+    hub_http.addFilter(notes)
+    try:
+        yield
+    finally:
+        hub_http.removeFilter(notes)
+
+
 def load_eval_dataset(name_or_path: str | Path, split: str = "test"):
     """Load evaluation data: ``fashion_mnist``, a ``save_to_disk`` folder, or a Hub dataset id."""
     import datasets
@@ -136,7 +159,8 @@ def load_eval_dataset(name_or_path: str | Path, split: str = "test"):
             raise UsageError(f"cannot read dataset folder {path}: {_first_line(err)}") from None
         return _pick_split(loaded, split, str(path))
     try:
-        loaded = datasets.load_dataset(text, split=split)
+        with _retries_to_log():
+            loaded = datasets.load_dataset(text, split=split)
     except Exception as err:
         raise UsageError(f"cannot load dataset '{text}' (split '{split}'): {_first_line(err)}") from None
     return _pick_split(loaded, split, text)

@@ -114,6 +114,12 @@ def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger 
     idx = subset_indices(len(ds), limit)  # the rows evaluate() will read
     rows = ds.select(idx.tolist()) if idx is not None else ds
     values = class_ids(rows[label_col], label_col)
+    try:  # counted in Arrow, without decoding: a missing image must not wait until after the repair
+        missing = int(rows.with_format("arrow")[image_col].null_count)
+    except Exception:
+        missing = 0
+    if missing:
+        raise UsageError(f"{missing} of the {len(rows)} evaluation images are missing (None in '{image_col}')")
     if values and (min(values) < 0 or max(values) >= spec.num_classes):
         raise UsageError(f"dataset labels span {min(values)}..{max(values)} but the model has {spec.num_classes} classes")
     _check_measurable(values, trigger)

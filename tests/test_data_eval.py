@@ -309,6 +309,30 @@ def test_fractional_labels_are_refused_not_truncated() -> None:
     assert to_tensors(whole, SPEC32)[1].tolist() == [0, 1, 2]
 
 
+def test_a_missing_image_anywhere_is_refused_before_the_repair() -> None:
+    from otbr_hub.evaluate import check_evaluation
+
+    images = list(_image_dataset(n=4)["image"])
+    images[3] = None
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 3]},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}))
+    with pytest.raises(UsageError, match=r"1 of the 4 evaluation images are missing"):
+        check_evaluation(SPEC32, ds, None)
+
+
+def test_an_unreachable_hub_dataset_s_retries_go_to_the_log(caplog) -> None:
+    """huggingface_hub's retry warnings would print a dozen lines before the one error."""
+    import logging
+
+    from otbr_hub.data import _retries_to_log
+
+    hub_http = logging.getLogger("huggingface_hub.utils._http")
+    with caplog.at_level(logging.INFO), _retries_to_log():
+        hub_http.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://x\nRetrying in 1s [Retry 1/5].")
+    assert [r.name for r in caplog.records] == ["otbr_hub.data"]
+    assert caplog.records[0].levelno == logging.INFO and "thrown while requesting HEAD" in caplog.records[0].getMessage()
+
+
 def test_a_timm_folder_s_class_names_are_compared_with_the_dataset_s() -> None:
     """timm's save_pretrained writes label_names at the top of config.json, not in
     pretrained_cfg: a dataset in another class order must still be caught."""
