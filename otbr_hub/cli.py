@@ -139,6 +139,9 @@ def _sources(args: argparse.Namespace) -> list[str]:
     if listed is None:  # standard input, read by the first process of a launch: its list is used
         return sources
     sources += listed
+    if not sources and args.from_file:
+        where = "standard input (--from-file -)" if args.from_file == "-" else f"--from-file {args.from_file}"
+        raise UsageError(f"{where} lists no models (only blank lines and comments)")
     if not sources:
         raise UsageError("nothing to repair: give a model folder or Hub repo id, or --from-file")
     first: dict[str, str] = {}

@@ -574,7 +574,9 @@ def _load_transformers(folder: Path) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as err:
-        raise UnsupportedModelError(f"transformers cannot read the config: {str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else type(err).__name__)
+        raise UnsupportedModelError(f"transformers cannot read the config: {why}") from None
     try:
         model, info = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     except ValueError as err:
