@@ -67,12 +67,18 @@ def _demote_headings(body: str) -> str:
     return "\n".join(out).strip()
 
 
-def license_fields(source_readme: str | None) -> dict[str, str]:
-    """The source's licence metadata, copied only when the source states one."""
+def license_fields(source_readme: str | None, link_base: str | None = None) -> dict[str, str]:
+    """The source's licence metadata, copied only when the source states one. A relative
+    ``license_link`` (``LICENSE``, a file of the source repo, which the repaired copy does not
+    carry) is made absolute under ``link_base``, the source's files at the repaired commit."""
     meta, _ = split_front_matter(source_readme or "")
     if not meta.get("license"):
         return {}
-    return {k: str(meta[k]) for k in ("license", "license_name", "license_link") if meta.get(k)}
+    out = {k: str(meta[k]) for k in ("license", "license_name", "license_link") if meta.get(k)}
+    link = out.get("license_link")
+    if link and link_base and "://" not in link and not link.startswith(("#", "mailto:")):
+        out["license_link"] = f"{link_base.rstrip('/')}/{link.lstrip('./')}"
+    return out
 
 
 def is_hub_source(report: dict[str, Any]) -> bool:
@@ -122,7 +128,8 @@ def source_label(report: dict[str, Any]) -> str:
     return Path(source).name or source
 
 
-def card_data(report: dict[str, Any], *, model_name: str, source_readme: str | None = None) -> Any:
+def card_data(report: dict[str, Any], *, model_name: str, source_readme: str | None = None,
+              base_url: str = DEFAULT_BASE_URL) -> Any:
     """Card metadata: base model, relation, licence (if any), tags, task, library, results."""
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -131,7 +138,8 @@ def card_data(report: dict[str, Any], *, model_name: str, source_readme: str | N
         "library_name": library if library in ("timm", "transformers") else None,
         "pipeline_tag": "image-classification",
         "tags": [*TAGS, *([library] if library in ("timm", "transformers") else [])],
-        **license_fields(source_readme),
+        **license_fields(source_readme, link_base=(
+            f"{base_url.rstrip('/')}/{report['source']}/blob/{report['revision']}" if is_hub_source(report) else None)),
     }
     if is_hub_source(report):
         meta.update(base_model=report["source"], base_model_relation=BASE_MODEL_RELATION)
@@ -290,7 +298,7 @@ def render_card(report: dict[str, Any], *, repo_id: str | None = None, source_re
 
     model_name = (repo_id or folder_name or f"{source_label(report).split('/')[-1]}-otbr").split("/")[-1]
     model_name = " ".join(model_name.split()) or "model"  # a newline in a folder name would end the card's title
-    data = card_data(report, model_name=model_name, source_readme=source_readme)
+    data = card_data(report, model_name=model_name, source_readme=source_readme, base_url=base_url)
     values = _template_values(report, repo_id=repo_id, source_readme=source_readme, base_url=base_url)
     original = values.pop("original_card")
     # The original card goes in after our text is tidied, so blank lines in its code blocks survive.

@@ -226,8 +226,14 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
             from .push import publish
 
             stage("publish")
-            url = publish(result, report_dict, repo_id=args.repo_id, private=args.private, pr=args.pr,
-                          folder=out if args.output else None)
+            try:
+                url = publish(result, report_dict, repo_id=args.repo_id, private=args.private, pr=args.pr,
+                              folder=out if args.output else None)
+            except OtbrError as err:
+                if not args.output:
+                    raise
+                raise type(err)(f"{err} (the repaired model is saved in {out}: a rerun with the same --output "
+                                "needs --overwrite)") from None
     finally:
         if bars is not None:
             bars.close()
@@ -249,7 +255,7 @@ def _repair_one(args: argparse.Namespace, source: str, settings: RepairSettings)
     if args.output:
         say(f"  saved to {out} in {report.timings['total']:.1f} s")
     if publishing:
-        say(f"  {'opened pull request' if args.pr else 'pushed to'} {url}")
+        say(f"  {'pull request' if args.pr else 'pushed to'} {url}")  # the PR may be one already open
     return 0
 
 

@@ -242,7 +242,7 @@ def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: st
     kinds = _chain(err)
     if any(isinstance(e, OfflineModeIsEnabled) for e in kinds):
         msg = f"offline mode is on (HF_HUB_OFFLINE=1) and {repo_id} cannot be reached; unset it or use a cached model"
-    elif status == 401 and "invalid credentials" in server.lower():
+    elif status == 401 and _token_rejected(err, kinds):
         msg = "the Hub rejected the token (invalid or expired); check HF_TOKEN or log in again with `hf auth login`"
     elif any(isinstance(e, GatedRepoError) for e in kinds):
         if ctx.token:
@@ -286,6 +286,14 @@ def hub_error(err: BaseException, ctx: HubContext, *, repo_id: str, revision: st
     else:
         msg = f"Hub request for {repo_id} failed: {type(err).__name__}: {server}"
     return HubError(ctx.redact(msg))
+
+
+def _token_rejected(err: BaseException, kinds: list[BaseException]) -> bool:
+    """A 401 that means the token itself is bad, not a missing permission. ``whoami`` wraps the
+    server's "Invalid credentials" in an error of its own ("Invalid user token."), so the
+    whole chain is read."""
+    texts = [_server_message(e) for e in kinds] + [str(e) for e in kinds]
+    return any("invalid credentials" in t.lower() or "invalid user token" in t.lower() for t in texts)
 
 
 def _hub_exceptions() -> tuple[type[BaseException], ...]:

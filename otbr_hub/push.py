@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 
 from .card import public_report, render_card, render_pr_description, source_label
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
-from .fetch import HubContext, call_hub, hub_context, is_hub_source, is_repo_id, parse_source, source_readme
+from .fetch import HubContext, call_hub, hub_context, hub_error, is_hub_source, is_repo_id, parse_source, source_readme
 from .load import load_folder, read_json_object
 from .save import plain_weights, save_model
 from .verify import compare_state_dicts, verify
@@ -213,6 +214,13 @@ def _destination_name(source: str, repo_id: str | None, user: str) -> str:
 def _check_destination(dest: str, source_repo: str | None, namespaces: set[str]) -> None:
     """A push never goes to the source repo and only to a namespace the token can write to;
     Hub names compare without case (``User/Model`` is ``user/model``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(dest)
+    except HFValidationError as err:
+        raise UsageError(f"{dest} is not a valid Hub repo id for the destination ({str(err).splitlines()[0]})") from None
     if source_repo and dest.lower() == source_repo.lower():
         raise UsageError(f"{dest} is the source repo; otbr-hub never writes to it directly (use --pr to propose the change)")
     if dest.split("/", 1)[0].lower() not in {n.lower() for n in namespaces}:
@@ -227,11 +235,24 @@ def _destination(result: Any, repo_id: str | None, user: str, namespaces: set[st
     return dest
 
 
-def _push(ctx: HubContext, result: Any, report: dict[str, Any], folder: Path, *, dest: str, private: bool,
+def _push(ctx: HubContext, result: Any, report: dict[str, Any], folder: Path, *, dest: str, private: bool | str,
           parent_commit: str | None) -> str:
     api = ctx.api()
     source = result.source
-    url = call_hub(lambda: api.create_repo(dest, private=private, exist_ok=True), ctx, repo_id=dest, writing=True)
+    if private:  # create_repo(exist_ok=True) leaves an existing repo's visibility as it is
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            current = api.model_info(dest)
+        except RepositoryNotFoundError:
+            current = None
+        except Exception as err:
+            raise hub_error(err, ctx, repo_id=dest) from None
+        if current is not None and not current.private:
+            why = "--private was given" if private is True else f"the source {source.source} is private"
+            raise UsageError(f"{dest} exists and is public, but {why}: otbr-hub does not change an existing repo's "
+                             "visibility; make it private on the Hub first, or push to a new --repo-id")
+    url = call_hub(lambda: api.create_repo(dest, private=bool(private), exist_ok=True), ctx, repo_id=dest, writing=True)
     head = parent_commit or call_hub(lambda: api.model_info(dest).sha, ctx, repo_id=dest)
     existing = call_hub(lambda: api.list_repo_files(dest, revision=head), ctx, repo_id=dest, revision=head)
     readme = render_card(report, repo_id=dest, source_readme=source_readme(source), base_url=ctx.base_url, redact=ctx.redact)
@@ -322,7 +343,15 @@ def _open_pr(ctx: HubContext, result: Any, report: dict[str, Any], folder: Path,
     files = [op.path_in_repo for op in planned] + [f"{f} (removed)" for f in removed]
     description = render_pr_description(report, marker=_pr_marker(sha), files=files, redact=ctx.redact)
 
+    tries = []
+
     def commit() -> Any:
+        tries.append(1)
+        if len(tries) > 1:  # a retry after a 5xx: the first attempt may have opened the PR after all
+            found = _existing_pr(ctx, repo, sha, _pr_marker(sha))
+            if found:
+                log.info("the pull request from the previous attempt is open: %s", found)
+                return types.SimpleNamespace(pr_url=found)
         ops = _operations(folder, extra, only=is_weight_file)
         return api.create_commit(
             repo, ops + _stale_weights(existing, ops), revision=branch, create_pr=True, parent_commit=sha,
@@ -371,7 +400,19 @@ def publish(result: Any, report_dict: dict[str, Any], *, repo_id: str | None = N
         report = {**report_dict, "publish_verification": check}
         if pr:
             return _open_pr(ctx, result, report, folder, branch=branch)
+        if not private and _source_is_private(ctx, result.source):
+            log.warning("%s is private, so %s is created private too", result.source.source, dest)
+            private = "inherited"  # truthy for create_repo; the refusal above names the reason
         return _push(ctx, result, report, folder, dest=dest, private=private, parent_commit=parent_commit)
+
+
+def _source_is_private(ctx: HubContext, source: Any) -> bool:
+    """Whether a Hub source is private: its repaired copy must not become public by default."""
+    if not (source.revision and is_repo_id(str(source.source))):
+        return False
+    info = call_hub(lambda: ctx.api().model_info(source.source, revision=source.revision), ctx,
+                    repo_id=source.source, revision=source.revision)
+    return bool(getattr(info, "private", False))
 
 
 def push_to_hub(result: Any, repo_id: str | None = None, *, private: bool = False, token: str | None = None,

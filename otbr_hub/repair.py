@@ -83,6 +83,8 @@ class RepairResult:
     model: nn.Module
     report: RepairReport
     source: LoadedModel
+    url: str | None = None
+    """The repo or pull request URL when ``repair(push=True)`` or ``pr=True`` published it."""
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         """Write the repaired model as ``otbr-hub repair --output`` writes it, so that the folder
@@ -344,7 +346,7 @@ def repair(
     if push or publish_as_pr:
         from .push import publish
 
-        publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
+        result.url = publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
     return result
 
 

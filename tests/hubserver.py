@@ -502,6 +502,7 @@ class HubServer:
             self._rate_limit: tuple[int, int, str | None] = (0, 0, None)
             self._faults: list[_Fault] = []
             self._hooks: list[tuple[str, Callable[[], None]]] = []
+            self._lost_answers: list[tuple[str, int]] = []
             self._counter = itertools.count(1)
             self.requests: list[RequestRecord] = []
 
@@ -618,6 +619,12 @@ class HubServer:
         with self._lock:
             self._hooks.append((path_contains, action))
 
+    def lose_answer(self, path_contains: str, status: int = 504) -> None:
+        """Carry out the next request whose decoded path contains ``path_contains``, then answer it
+        with ``status`` instead of its result, once: a gateway timeout after a commit landed."""
+        with self._lock:
+            self._lost_answers.append((path_contains, status))
+
     def repo(self, repo_id: str) -> Repo:
         """The live ``Repo`` object (raises ``KeyError``); read it, don't mutate it from other threads."""
         with self._lock:
@@ -717,6 +724,10 @@ class HubServer:
                 self._hooks.remove(hook)
                 hook[1]()
             response = self._dispatch_locked(request, decoded_path, record)
+            lost = next((x for x in self._lost_answers if x[0] in decoded_path), None)
+            if lost is not None and response.status < 400:
+                self._lost_answers.remove(lost)
+                response = _json_response({"error": "Gateway Timeout"}, lost[1])
             record.status = response.status
             self._inject_fault(request, decoded_path, record, response)
             return response

@@ -520,6 +520,7 @@ def test_hub_errors_are_one_line(hub_server: HubServer, tmp_path: Path, monkeypa
         "network down": (["alice/resnet"], tokens.read, "cannot reach the Hub", lambda: monkeypatch.setenv("HF_ENDPOINT", dead)),
         "offline, not cached": (["alice/resnet"], None, "not in the cache", lambda: monkeypatch.setenv("HF_HUB_OFFLINE", "1")),
         "push with a read token": (["alice/resnet", "--push"], tokens.read, "no write permission", None),
+        "push with an invalid token": (["alice/resnet", "--push"], tokens.invalid, "rejected the token", None),
         "push, network down": (["alice/resnet", "--push"], tokens.write, "publishing needs the Hub",
                                lambda: monkeypatch.setenv("HF_ENDPOINT", dead)),
     }
@@ -584,7 +585,9 @@ def test_card_metadata_results_and_original_card() -> None:
     }
     readme = "---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n---\n# Tiny\n\n```\n# not a heading\n```\n"
     card = ModelCard(render_card(report, repo_id="bob/vit-otbr", source_readme=readme))
-    assert (card.data.license, card.data.license_name, card.data.license_link) == ("other", "tiny-license", "LICENSE")
+    # the licence file stays in the source repo: the link points there, at the repaired commit
+    assert (card.data.license, card.data.license_name, card.data.license_link) == (
+        "other", "tiny-license", f"https://huggingface.co/alice/vit/blob/{'c' * 40}/LICENSE")
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"accuracy": 88.5, "attack_success_rate": 3.5}
     for text in ("| source (before repair) | 90.00 | 99.00 |", "| repaired (this model) | 88.50 | 3.50 |",
@@ -672,3 +675,45 @@ def test_scan_fetches_and_inspects_shards_an_index_keeps_in_a_subfolder(hub_serv
     report = scan_target("alice/subshards", settings=settings)
     assert report.verdict in ("clean", "suspicious", "backdoored"), (report.verdict, report.skipped, report.error)
     assert {f.path for f in report.files} >= {p for p in files if p.startswith("weights/")}  # every shard inspected
+
+
+def test_publishing_review_fixes(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A PR whose commit landed but whose answer was lost is not opened twice; --private never
+    pushes into an existing public repo; a private source's copy is private; a relative
+    licence link points at the source's file; an invalid destination id fails before the
+    repair; a failed push says where the saved model is."""
+    tokens = hub_server.tokens
+    card = "---\nlicense: other\nlicense_name: my-license\nlicense_link: LICENSE\n---\n# ResNet\n"
+    sha = seed_timm(hub_server, tmp_path, readme=card)
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=tokens.other)
+    hub_server.lose_answer("/commit/main", status=504)  # the PR commit lands, its answer does not
+    code, out, err = cli(["repair", "alice/resnet", "--pr", *FAST], capsys)
+    assert code == 0, err
+    assert len(hub_server.discussions("alice/resnet")) == 1 and hub_server.head("alice/resnet") == sha
+    assert [r.status for r in hub_server.requests if "/commit/main" in r.path] == [504]  # retried via the PR lookup
+
+    use_hub(monkeypatch, hub_server, tmp_path / "cache-alice", token=tokens.write)
+    code, _, err = cli(["repair", "alice/resnet", "--push", "-q", *FAST], capsys)
+    assert code == 0, err
+    pushed = hub_server.files("alice/resnet-otbr")
+    assert f"license_link: {hub_server.endpoint}/alice/resnet/blob/{sha}/LICENSE" in pushed["README.md"].decode()
+    before = hub_server.head("alice/resnet-otbr")
+    code, _, err = cli(["repair", "alice/resnet", "--push", "--private", "-q", *FAST], capsys)
+    assert code == 2 and "exists and is public" in err and hub_server.head("alice/resnet-otbr") == before
+
+    seed_timm(hub_server, tmp_path, "alice/secret", private=True)
+    code, _, err = cli(["repair", "alice/secret", "--push", "-q", *FAST], capsys)
+    assert code == 0, err
+    assert hub_server.repo("alice/secret-otbr").private
+
+    t = len(hub_server.requests)
+    code, _, err = cli(["repair", "alice/resnet", "--push", "--repo-id", "alice/x@main", *FAST], capsys)
+    assert code == 2 and "not a valid Hub repo id" in err
+    assert not any("/resolve/" in r.path for r in hub_server.requests[t:])  # refused before downloading
+
+    hub_server.rate_limit(50, retry_after=0, path_contains="/commit/")  # the upload keeps failing
+    out_dir = tmp_path / "saved"
+    code, _, err = cli(["repair", "alice/resnet", "--push", "--repo-id", "alice/new-one", "-o", str(out_dir), "-q", *FAST],
+                       capsys)
+    assert code == 2 and "rate limiting" in err and f"saved in {out_dir}" in err, err
+    assert (out_dir / "model.safetensors").is_file()
