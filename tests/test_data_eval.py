@@ -327,7 +327,10 @@ def test_an_unreachable_hub_dataset_s_retries_go_to_the_log(caplog) -> None:
     from otbr_hub.data import _retries_to_log
 
     hub_http = logging.getLogger("huggingface_hub.utils._http")
-    with caplog.at_level(logging.INFO), _retries_to_log():
+    # levels set here (the handler's too: at_level sets it): an earlier quiet CLI run in the same
+    # process leaves the client's logger at ERROR
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub.utils._http"), \
+            caplog.at_level(logging.INFO, logger="otbr_hub.data"), _retries_to_log():
         hub_http.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://x\nRetrying in 1s [Retry 1/5].")
     assert [r.name for r in caplog.records] == ["otbr_hub.data"]
     assert caplog.records[0].levelno == logging.INFO and "thrown while requesting HEAD" in caplog.records[0].getMessage()
