@@ -155,13 +155,16 @@ def _sources(args: argparse.Namespace) -> list[str]:
 
 def _source_key(source: str) -> str:
     """What makes two spellings the same source: the real path of a local folder (``./m``,
-    ``m/``, a symlink), the repo id without timm's ``hf-hub:`` prefix."""
+    ``m/``, a symlink), the repo id in any letter case without timm's ``hf-hub:`` prefix."""
     path = Path(source).expanduser()
     try:
         exists = path.exists()
     except OSError as err:  # a name longer than the filesystem allows
         raise UsageError(f"cannot use {source[:80]}{'...' if len(source) > 80 else ''} as a source: {err.strerror or err}") from None
-    return os.path.realpath(path) if exists else source.removeprefix("hf-hub:")
+    if exists:
+        return os.path.realpath(path)
+    repo, at, revision = source.removeprefix("hf-hub:").partition("@")
+    return repo.lower() + at + revision  # the Hub matches repo ids in any case, not revisions
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

@@ -455,21 +455,32 @@ def preflight(ref: SourceRef, ctx: HubContext) -> tuple[Preflight, Path]:
         return info, hint, _pick_weights(ref.repo_id, siblings)
 
     info, hint, weights = checked(ref.revision)
+    repo_id = _hub_spelling(ref.repo_id, info)
     # Gated repos fail here, before any weights. Fetching by the revision *name* records
     # name -> sha in the cache, which offline mode needs to find this snapshot later.
-    config_path = _download(ctx, ref.repo_id, ref.revision or DEFAULT_REVISION, "config.json")
+    config_path = _download(ctx, repo_id, ref.revision or DEFAULT_REVISION, "config.json")
     if config_path.parent.name != info.sha:
         # The branch moved between the two calls, and the cache's name -> sha record now names
         # the new commit. Check and download that commit, so the record and the snapshot agree
         # (fetching the old one would leave offline mode a record pointing at missing files).
         info, hint, weights = checked(config_path.parent.name)
     siblings = {s.rfilename for s in (info.siblings or [])}
-    library = _check_config(ref.repo_id, read_json_object(config_path, f"{ref.repo_id}: config.json"), hint, ref, info.pipeline_tag)
+    library = _check_config(repo_id, read_json_object(config_path, f"{repo_id}: config.json"), hint, ref, info.pipeline_tag)
     files = ["config.json", *(n for n in PROCESSOR_FILES if n in siblings), weights]
     if "README.md" in siblings:
         files.append("README.md")  # kept in the repaired model's card
     sizes = {sib.rfilename: getattr(sib, "size", None) for sib in (info.siblings or [])}
-    return Preflight(ref.repo_id, info.sha, library, weights, files, frozenset(siblings), sizes), config_path.parent
+    return Preflight(repo_id, info.sha, library, weights, files, frozenset(siblings), sizes), config_path.parent
+
+
+def _hub_spelling(typed: str, info: Any) -> str:
+    """The repo id as the Hub spells it. The Hub matches ids in any letter case, but the cache,
+    the card's ``base_model`` and the default push name should all use the repo's own name."""
+    canonical = getattr(info, "id", None)
+    if isinstance(canonical, str) and canonical.lower() == typed.lower() and canonical != typed:
+        log.info("%s is spelt %s on the Hub; using that", typed, canonical)
+        return canonical
+    return typed
 
 
 def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[str]:
@@ -483,9 +494,11 @@ def _shards(repo_id: str, index_path: Path, available: frozenset[str]) -> list[s
     return shards
 
 
-def cached_snapshot(ref: SourceRef, ctx: HubContext) -> Path:
-    """Offline mode: the cached snapshot of ``ref`` (config and weights), or a clear error
-    when it was never downloaded."""
+def cached_snapshot(ref: SourceRef, ctx: HubContext) -> tuple[Path, str]:
+    """Offline mode: the cached snapshot of ``ref`` (config and weights) and the repo id it
+    is cached under (the one given, or the Hub's own spelling when that differs in letter
+    case: an online run caches the repo under the Hub's spelling, see :func:`preflight`),
+    or a clear error when it was never downloaded."""
     from huggingface_hub import snapshot_download
 
     from huggingface_hub.constants import DEFAULT_REVISION
@@ -493,19 +506,34 @@ def cached_snapshot(ref: SourceRef, ctx: HubContext) -> Path:
     revision = ref.revision or DEFAULT_REVISION
     missing = HubError(f"offline mode is on (HF_HUB_OFFLINE=1) and {ref.repo_id}@{revision} is not in the cache "
                        f"({ctx.cache_dir or 'default cache'}); run once online first, or unset HF_HUB_OFFLINE")
+    for repo_id in (ref.repo_id, _cached_spelling(ref.repo_id, ctx)):
+        if repo_id is None:
+            continue
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=ctx.cache_dir, local_files_only=True))
+        except Exception:
+            continue
+        if (folder / "config.json").is_file() and any((folder / n).is_file() for n in WEIGHT_FILES):
+            return folder, repo_id
+    raise missing
+
+
+def _cached_spelling(repo_id: str, ctx: HubContext) -> str | None:
+    """Another letter case under which the cache holds ``repo_id``, if any."""
+    from huggingface_hub import scan_cache_dir
+
     try:
-        folder = Path(snapshot_download(ref.repo_id, revision=revision, cache_dir=ctx.cache_dir, local_files_only=True))
-    except Exception:
-        raise missing from None
-    if not (folder / "config.json").is_file() or not any((folder / n).is_file() for n in WEIGHT_FILES):
-        raise missing
-    return folder
+        cache = scan_cache_dir(ctx.cache_dir)
+    except Exception:  # no cache folder yet, or one the scanner cannot read
+        return None
+    return next((r.repo_id for r in cache.repos
+                 if r.repo_type == "model" and r.repo_id != repo_id and r.repo_id.lower() == repo_id.lower()), None)
 
 
 def _load_offline(ref: SourceRef, ctx: HubContext) -> LoadedModel:
     """Offline mode: only the cache; a clear error when the model was never downloaded."""
-    folder = cached_snapshot(ref, ctx)
-    return load_folder(folder, source=ref.repo_id, revision=folder.name)
+    folder, repo_id = cached_snapshot(ref, ctx)
+    return load_folder(folder, source=repo_id, revision=folder.name)
 
 
 def load_source(text: str, *, token: str | None = None, endpoint: str | None = None,

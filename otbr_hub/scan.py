@@ -326,15 +326,15 @@ def _scan_hub(text: str, report: TargetReport, settings: ScanSettings, stages: _
     report.target, report.revision = ref.repo_id, ref.revision
     if ctx.offline:  # the cache only, as repair does: every weight file of the snapshot is inspected
         with stages("resolve"):
-            folder = cached_snapshot(ref, ctx)
+            folder, report.target = cached_snapshot(ref, ctx)
         report.revision = folder.name
         with stages("inspect"):
             report.files = inspect_folder(folder, compute_sha256=settings.compute_sha256)
-        return _load_and_detect(report, folder, ref.repo_id, settings, stages,
+        return _load_and_detect(report, folder, report.target, settings, stages,
                                 repaired=(folder / "otbr_report.json").is_file())
     with stages("resolve"):
         pre, _ = preflight(ref, ctx)
-    report.revision = pre.sha
+    report.target, report.revision = pre.repo_id, pre.sha  # the Hub's spelling of the id
     weights = sorted(name for name in pre.available if "/" not in name and is_weight_file(name))
     cap = settings.max_download_bytes
 

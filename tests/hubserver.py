@@ -543,7 +543,7 @@ class HubServer:
                 raise ValueError("pass README.md either in files or as card_data/readme, not both")
             contents["README.md"] = _render_readme(card_data, readme or "").encode()
         with self._lock:
-            if repo_id in self._repos:
+            if self._find(repo_id) is not None:
                 raise ValueError(f"repo {repo_id} already exists")
             repo = Repo(
                 repo_id=repo_id,
@@ -812,12 +812,19 @@ class HubServer:
             raise _HttpError(401, "Invalid credentials in Authorization header")
         return token
 
+    def _find(self, repo_id: str) -> Repo | None:
+        """The repo under any letter case, as the Hub resolves ids (its answers give the repo's own spelling)."""
+        repo = self._repos.get(repo_id)
+        if repo is None:
+            repo = next((r for key, r in self._repos.items() if key.lower() == repo_id.lower()), None)
+        return repo
+
     def _is_member(self, token: _Token | None, namespace: str) -> bool:
         return token is not None and (token.user == namespace or namespace in self._orgs.get(token.user, set()))
 
     def _readable_repo(self, token: _Token | None, ns: str, name: str) -> Repo:
         """The repo if the caller may see it; otherwise the Hub's "not found" (401 anonymous, 404 signed in)."""
-        repo = self._repos.get(f"{unquote(ns)}/{unquote(name)}")
+        repo = self._find(f"{unquote(ns)}/{unquote(name)}")
         if repo is None or (repo.private and not self._is_member(token, repo.namespace)):
             raise _HttpError(
                 401 if token is None else 404,
@@ -954,7 +961,7 @@ class HubServer:
         self._require_write(token, namespace)
         repo_id = f"{namespace}/{body['name']}"
         url = f"{self.endpoint}/{repo_id}"
-        if repo_id in self._repos:
+        if self._find(repo_id) is not None:
             return _json_response({"error": "You already created this model repo", "url": url}, 409)
         private = body.get("visibility") == "private" or bool(body.get("private"))
         repo = Repo(repo_id=repo_id, private=private)

@@ -717,3 +717,33 @@ def test_publishing_review_fixes(hub_server: HubServer, tmp_path: Path, monkeypa
                        capsys)
     assert code == 2 and "rate limiting" in err and f"saved in {out_dir}" in err, err
     assert (out_dir / "model.safetensors").is_file()
+
+
+def test_repo_ids_take_the_hubs_spelling(hub_server: HubServer, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The Hub matches ids in any letter case; the cache, the card and the default push name
+    use the repo's own spelling, and a later offline run finds the cache under any case."""
+    from otbr_hub.cli import _source_key
+    from otbr_hub.scan import ScanSettings, scan_target
+    from otbr_hub.detect import DetectSettings
+
+    sha = seed_timm(hub_server, tmp_path, repo="Alice/ResNet")
+    use_hub(monkeypatch, hub_server, tmp_path / "cache", token=hub_server.tokens.write)
+    code, out, err = cli(["repair", "alice/resnet", "--push", *FAST], capsys)
+    assert code == 0, err
+    assert f"pushed to {hub_server.endpoint}/alice/ResNet-otbr" in out
+    card = ModelCard(hub_server.files("alice/ResNet-otbr")["README.md"].decode())
+    assert card.data.base_model == "Alice/ResNet"
+    assert json.loads(hub_server.files("alice/ResNet-otbr")["otbr_report.json"])["source"] == "Alice/ResNet"
+    assert sorted(p.name for p in (tmp_path / "cache").glob("models--*")) == ["models--Alice--ResNet"]
+
+    settings = ScanSettings(detector=DetectSettings(steps=2, inputs_per_class=2, device="cpu"), cache_dir=str(tmp_path / "cache"))
+    assert scan_target("ALICE/resnet", settings=settings).target == "Alice/ResNet"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seen = len(hub_server.requests)
+    loaded = load_source("ALICE/resnet")
+    assert (loaded.source, loaded.revision) == ("Alice/ResNet", sha)
+    report = scan_target("alice/RESNET", settings=settings)
+    assert (report.target, report.revision) == ("Alice/ResNet", sha), report.error
+    assert len(hub_server.requests) == seen  # nothing went over the network
+
+    assert _source_key("hf-hub:Alice/ResNet@v1") == _source_key("alice/resnet@v1") != _source_key("alice/resnet@V1")
