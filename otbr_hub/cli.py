@@ -587,9 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         own_log.setLevel(logging.INFO)
     elif quiet:
         own_log.setLevel(logging.ERROR)
-    _quiet_libraries(progress=not quiet and sys.stderr.isatty(), quiet=quiet, verbose=verbose)
     clean = False
     try:
+        _quiet_libraries(progress=not quiet and sys.stderr.isatty(), quiet=quiet, verbose=verbose)
         if args.command == "repair":
             code = cmd_repair(args)
         elif args.command == "scan":

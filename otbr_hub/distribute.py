@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,7 +63,11 @@ def wants_cpu(device: str = "auto") -> bool:
     """Whether Accelerate should be set up for the CPU (see the module docstring)."""
     if device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in _TRUE:
         return True
-    return device == "auto" and launched_processes() > 1 and not torch.cuda.is_available()
+    if device != "auto" or launched_processes() <= 1:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 # How long a process may wait for the others in a collective step. Work is shared out by

@@ -35,12 +35,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported where a trigger is applied, so the CLI's help and argument checks start fast
+    import torch
 
 Params = dict[str, Any]
 
@@ -61,6 +61,7 @@ class TriggerKind:
 
 
 def _generator(seed: int) -> torch.Generator:
+    import torch
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g
@@ -90,6 +91,7 @@ def _badnets_box(h: int, w: int, p: Params) -> tuple[int, int, int]:
 
 
 def _badnets(x: torch.Tensor, p: Params) -> torch.Tensor:
+    import torch
     out = x.clone()
     top, left, size = _badnets_box(x.shape[-2], x.shape[-1], p)
     patch = torch.full((size, size), float(p["value"]), dtype=x.dtype, device=x.device)
@@ -113,6 +115,7 @@ def _badnets_check(p: Params) -> None:
 
 
 def _blend_pattern(c: int, h: int, w: int, seed: int) -> torch.Tensor:
+    import torch
     return torch.rand((c, h, w), generator=_generator(seed))
 
 
@@ -131,6 +134,8 @@ def _blended_check(p: Params) -> None:
 
 def _wanet_grid(h: int, w: int, p: Params) -> torch.Tensor:
     """The fixed sampling grid [1, H, W, 2] in grid_sample coordinates."""
+    import torch
+    import torch.nn.functional as F
     k = int(p["k"])
     ins = torch.rand((1, 2, k, k), generator=_generator(p["seed"])) * 2 - 1
     ins = ins / ins.abs().mean()
@@ -145,6 +150,7 @@ def _wanet_grid(h: int, w: int, p: Params) -> torch.Tensor:
 
 
 def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
     grid = grid.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
 
@@ -162,6 +168,7 @@ def _wanet_check(p: Params) -> None:
 
 
 def _sig(x: torch.Tensor, p: Params) -> torch.Tensor:
+    import torch
     w = x.shape[-1]
     cols = torch.arange(w, dtype=x.dtype, device=x.device)
     signal = float(p["delta"]) * torch.sin(2 * math.pi * cols * float(p["f"]) / w)
@@ -177,6 +184,8 @@ def _sig_check(p: Params) -> None:
 
 
 def _lowfreq_field(c: int, h: int, w: int, p: Params) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
     k = int(p["k"])
     coarse = torch.rand((1, c, k, k), generator=_generator(p["seed"])) * 2 - 1
     smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0]
@@ -293,6 +302,7 @@ class Trigger:
         At training time these images keep their true labels, which teaches the model to
         react only to the exact warp rather than to any warp.
         """
+        import torch
         if self.name != "wanet":
             raise UsageError("noise mode exists only for the wanet trigger")
         n, _, h, w = x.shape

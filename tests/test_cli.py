@@ -380,3 +380,51 @@ def test_output_links_long_names_and_reserved_names_are_handled_before_the_repai
     assert code == 0, err
     summary = json.loads((out / "repair_summary.json").read_text())
     assert sorted(Path(r["output"]).name for r in summary["results"]) == ["repair_summary.json-2", "src"]
+
+
+_NO_TORCH = """
+import sys
+from otbr_hub.cli import main
+for argv in (["--help"], ["repair", "--help"], ["scan", "--help"], ["repair", "--no-such-flag"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+import otbr_hub
+print("torch" in sys.modules, sorted(set(dir(otbr_hub)) - {"__version__"}) == sorted(otbr_hub.__all__))
+"""
+
+
+def test_help_and_argument_errors_answer_without_importing_torch() -> None:
+    """`otbr-hub --help` and a mistyped flag answer in a fraction of a second: the package and
+    the parsers import torch only when a command runs."""
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False True"
+    import otbr_hub
+    from otbr_hub.repair import RepairResult
+
+    # the public functions stay functions after their submodules load (otbr_hub.repair, otbr_hub.scan)
+    assert callable(otbr_hub.repair) and callable(otbr_hub.scan) and otbr_hub.RepairResult is RepairResult
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C as soon as the command starts (torch still loading) ends with one line and 130."""
+    import signal
+    import time
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "badnets-resnet"
+
+    proc = subprocess.Popen([sys.executable, "-m", "otbr_hub", "repair", str(example), "-o", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:  # wait until torch's library is being loaded
+        if "libtorch" in maps.read_text(errors="replace"):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "otbr-hub: interrupted"
+    assert not (tmp_path / "out").exists()
