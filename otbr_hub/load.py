@@ -77,6 +77,9 @@ class LoadedModel:
     folder: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
+    # each floating-point tensor's own stored dtype, where they differ from ``dtype`` (an fp16
+    # checkpoint that keeps BatchNorm in fp32): saving casts every tensor back to its own
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 def library_of(model: nn.Module) -> Library:
@@ -467,6 +470,30 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def other_dtypes(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The floating-point tensors stored in another dtype than ``dtype`` (see ``LoadedModel.dtypes``)."""
+    return {k: v.dtype for k, v in state_dict.items() if v.is_floating_point() and v.dtype != dtype}
+
+
+def timm_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A timm checkpoint's weights the way timm reads them: a training checkpoint's
+    ``state_dict`` (or EMA / ``model``) entry unwrapped and DDP / ``torch.compile`` prefixes
+    (``module.``, ``_orig_mod.``) dropped, plain tensors only (``weights_only``)."""
+    from timm.models import clean_state_dict
+
+    sd: dict[str, Any] = read_state_dict(path)
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm.models.load_state_dict's order
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    sd = clean_state_dict(sd)
+    odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise UnsupportedModelError(f"{path.name} holds more than weights ({odd[0]!r} is a {type(sd[odd[0]]).__name__}); "
+                                    "save the model's state_dict() alone")
+    return sd
+
+
 def source_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype most floating-point weights are stored in."""
     counts: dict[torch.dtype, int] = {}
@@ -555,7 +582,7 @@ def _load_timm(folder: Path) -> LoadedModel:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as err:
         raise UnsupportedModelError(f"timm cannot build '{arch}': {err}") from None
-    sd = read_state_dict(weight_file(folder))
+    sd = timm_state_dict(weight_file(folder))
     dtype = source_dtype(sd)
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
@@ -565,7 +592,8 @@ def _load_timm(folder: Path) -> LoadedModel:
     merged.update(pcfg)
     model.pretrained_cfg = merged
     model.eval()
-    return LoadedModel(model=model, library="timm", spec=input_spec(model), source=str(folder), dtype=dtype, folder=folder, config=cfg)
+    return LoadedModel(model=model, library="timm", spec=input_spec(model), source=str(folder), dtype=dtype, folder=folder,
+                       config=cfg, dtypes=other_dtypes(sd, dtype))
 
 
 def _load_transformers(folder: Path) -> LoadedModel:
@@ -665,4 +693,5 @@ def from_model(
         )
     dtype = source_dtype({str(i): p for i, p in enumerate(params)})
     spec = input_spec(model, input_size=input_size, mean=mean, std=std, num_classes=num_classes)
-    return LoadedModel(model=model, library=library_of(model), spec=spec, source=IN_MEMORY, dtype=dtype)
+    return LoadedModel(model=model, library=library_of(model), spec=spec, source=IN_MEMORY, dtype=dtype,
+                       dtypes=other_dtypes(model.state_dict(), dtype))

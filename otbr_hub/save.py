@@ -20,9 +20,11 @@ from .clip import bounds_config
 from .errors import OtbrError, UnsupportedModelError, UsageError
 from .load import LoadedModel, read_json_object
 
-# Largest safetensors file written; bigger models are split into shards plus an index.
-# Callers (and tests) pass ``max_shard_size`` to use another threshold.
+# Largest safetensors file written for a transformers model; bigger ones are split into shards
+# plus an index, which transformers reads (timm does not: timm models are one file whatever
+# their size). Callers (and tests) pass ``max_shard_size`` to use another threshold.
 MAX_SHARD_SIZE: int | str = "2GB"
+_NO_SHARDS = 1 << 62  # bytes: more than any model
 # Files describing preprocessing that travel with the weights.
 _CARRY = ("preprocessor_config.json", "processor_config.json", "image_processor_config.json")
 
@@ -98,11 +100,32 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"cannot write to {folder}: {why}")
 
 
-def _cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-        for k, v in model.state_dict().items()
-    }
+def _cast_state_dict(model: nn.Module, source: LoadedModel) -> dict[str, torch.Tensor]:
+    """The weights to write: each floating-point tensor in the dtype the source stored it in,
+    and a tensor of its own for every name. Tied weights (one tensor under two names) would
+    otherwise be written once (``save_torch_state_dict`` drops the second name), and timm,
+    which knows nothing of the tie, could not load the folder."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        if v.is_floating_point():
+            dtype = source.dtypes.get(k, source.dtype)
+            cast = v.to("cpu", dtype)
+            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(v).all()):
+                raise OtbrError(f"the repaired tensor {k} does not fit in {str(dtype).replace('torch.', '')}, "
+                                "the dtype the source stores it in (values up to "
+                                f"{v.abs().max().item():.3g}); nothing was saved")
+            v = cast
+        else:
+            v = v.cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = v
+    return out
 
 
 def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_files: dict[str, Any] | None = None,
@@ -145,7 +168,9 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
                 if "num_classes" in args:
                     args["num_classes"] = spec.num_classes
                 (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        save_torch_state_dict(_cast_state_dict(model, source.dtype), folder, max_shard_size=shard)
+        # timm reads one model.safetensors (its Hub and local-dir loaders know no shard index)
+        save_torch_state_dict(_cast_state_dict(model, source), folder,
+                              max_shard_size=shard if source.library != "timm" else _NO_SHARDS)
     if source.library == "transformers" and source.folder is None:
         # an in-memory model: record the input it was repaired for (its config may not say)
         _write_processor_config(folder / "preprocessor_config.json", source.spec)
@@ -301,7 +326,7 @@ def report_files(source: LoadedModel, report: dict[str, Any], out_dir: str | Pat
 def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None,
                overwrite: bool = False, max_shard_size: int | str | None = None) -> Path:
     """Save atomically into ``out_dir``; returns its absolute path. Weights above
-    ``max_shard_size`` (default :data:`MAX_SHARD_SIZE`) are sharded with an index."""
+    ``max_shard_size`` (default :data:`MAX_SHARD_SIZE`) are sharded with an index (transformers only)."""
     check_savable(source)
     out = check_destination(out_dir, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -553,3 +553,50 @@ def test_review_fixes_of_the_python_api(tmp_path):
     cheap = DetectSettings(inputs_per_class=1, steps=2, weight_evidence=False)
     report = otbr_hub.scan(str(folder), from_model(tiny_timm(), **MNIST), settings=cheap)
     assert [t.target for t in report.targets][0] == str(folder) and report.targets[1].target.startswith("<in-memory")
+
+
+def test_saving_keeps_each_tensors_dtype_and_tied_weights_reload_with_timm(tmp_path: Path) -> None:
+    """A half-precision checkpoint that keeps BatchNorm in fp32 is written back the same way
+    (fp16 would turn a running variance of 1e5 into inf), and a weight tied under two names is
+    written under both, so timm itself can load the folder."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_timm().half()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.float()
+    with torch.no_grad():
+        model.bn1.running_var.fill_(1e5)
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "config.json").write_text((timm_folder(tmp_path / "plain") / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors", metadata={"format": "pt"})
+    out = otbr_hub.repair(str(src), prune_ratio=0.05, **FAST).save(tmp_path / "mixed-out")
+    saved = load_file(out / "model.safetensors")
+    assert saved["conv1.weight"].dtype == torch.float16 and saved["bn1.running_var"].dtype == torch.float32
+    assert torch.isfinite(saved["bn1.running_var"]).all()
+    assert load_folder(out).dtype == torch.float16
+
+    torch.manual_seed(0)
+    tied = timm.create_model("resnet18", layers=[2, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8, in_chans=1,
+                             num_classes=10).eval()
+    tied.layer1[1].conv2.weight = tied.layer1[1].conv1.weight
+    out = otbr_hub.repair(from_model(tied, input_size=(1, 28, 28)), prune_ratio=0.05, **FAST).save(tmp_path / "tied-out")
+    assert {"layer1.1.conv1.weight", "layer1.1.conv2.weight"} <= load_file(out / "model.safetensors").keys()
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert set(reloaded.state_dict()) == set(tied.state_dict())
+
+
+def test_timm_training_checkpoints_load_as_timm_reads_them(tmp_path: Path) -> None:
+    """A .bin holding {"state_dict": ..., "epoch": ...} with DDP's ``module.`` prefixes loads
+    (timm unwraps both); one that holds more than tensors is a one-line refusal."""
+    model = tiny_timm()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text((timm_folder(tmp_path / "plain") / "config.json").read_text())
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, folder / "pytorch_model.bin")
+    loaded = load_folder(folder)
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save({**model.state_dict(), "epoch": 3}, folder / "pytorch_model.bin")
+    with pytest.raises(UnsupportedModelError, match="holds more than weights"):
+        load_folder(folder)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -112,13 +113,27 @@ def test_parse_source() -> None:
 
 
 def test_sharded_save_loads_back_and_downloads(hub_server: HubServer, tmp_path: Path, monkeypatch) -> None:
-    for name, model, spec in (("timm", tiny_timm(), {"input_size": (1, 28, 28)}), ("vit", tiny_vit(), {})):
-        out = save_model(from_model(model, **spec), model, tmp_path / name, max_shard_size=20_000)
-        shards = sorted(p.name for p in out.glob("model-*.safetensors"))
-        assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
-        assert not (out / "model.safetensors").exists()
-        reloaded = load_folder(out).model.state_dict()
-        assert all(torch.equal(v.float(), reloaded[k]) for k, v in model.state_dict().items())
+    from huggingface_hub import save_torch_state_dict
+
+    vit = tiny_vit()
+    out = save_model(from_model(vit), vit, tmp_path / "vit", max_shard_size=20_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
+    assert not (out / "model.safetensors").exists()
+    reloaded = load_folder(out).model.state_dict()
+    assert all(torch.equal(v.float(), reloaded[k]) for k, v in vit.state_dict().items())
+
+    # timm reads a single model.safetensors, so a timm model is never sharded on save...
+    model = tiny_timm()
+    out = save_model(from_model(model, input_size=(1, 28, 28)), model, tmp_path / "timm-one", max_shard_size=20_000)
+    assert not list(out.glob("model-*.safetensors")) and (out / "model.safetensors").is_file()
+    # ...but a sharded timm source (written by another tool) still loads
+    (tmp_path / "timm").mkdir()
+    shutil.copyfile(out / "config.json", tmp_path / "timm" / "config.json")
+    save_torch_state_dict(model.state_dict(), tmp_path / "timm", max_shard_size=20_000)
+    assert len(list((tmp_path / "timm").glob("model-*.safetensors"))) > 2
+    reloaded = load_folder(tmp_path / "timm").model.state_dict()
+    assert all(torch.equal(v.float(), reloaded[k]) for k, v in model.state_dict().items())
 
     sha = hub_server.add_repo("alice/sharded", files_of(tmp_path / "timm"), library_name="timm")
     use_hub(monkeypatch, hub_server, tmp_path / "cache")
