@@ -555,6 +555,15 @@ def load_folder(path: str | Path, *, source: str | None = None, revision: str | 
     return loaded
 
 
+def folder_spec(loaded: LoadedModel, **overrides: Any) -> InputSpec:
+    """``loaded``'s input description with ``overrides`` (input_size, mean, std) applied, the
+    rest read again from its config and, for transformers, its image processor file."""
+    proc = None
+    if loaded.library == "transformers" and loaded.folder is not None and (loaded.folder / "preprocessor_config.json").is_file():
+        proc = read_json_object(loaded.folder / "preprocessor_config.json")
+    return input_spec(loaded.model, processor_config=proc, **overrides)
+
+
 def _load_timm(folder: Path) -> LoadedModel:
     import timm
 

@@ -21,7 +21,7 @@ from .clip import ClipResult, clip_activations, copy_activations
 from .errors import OtbrError, UnsupportedModelError, UsageError
 from .fuse import FuseResult, dataflow_links, fuse
 from .layers import Layer, select_layers
-from .load import LoadedModel, check_forward, eval_mode, from_model, has_inference_tensors, load_folder
+from .load import LoadedModel, check_forward, eval_mode, folder_spec, from_model, has_inference_tensors, load_folder
 from .placement import release_memory, resolve_device, resolve_precision
 from .progress import Progress
 from .prune import PruneResult, prune
@@ -141,10 +141,14 @@ def load_any(source: Any, **spec_kw: Any) -> LoadedModel:
         from .fetch import is_hub_source
 
         if not is_hub_source(str(source)):
-            return load_folder(source)
-        from .fetch import load_source
+            loaded = load_folder(source)
+        else:
+            from .fetch import load_source
 
-        return load_source(str(source))
+            loaded = load_source(str(source))
+        if any(v is not None for v in spec_kw.values()):  # the caller corrects what the config says
+            loaded.spec = folder_spec(loaded, **spec_kw)
+        return loaded
     raise UnsupportedModelError(f"cannot repair an object of type {type(source).__name__}")
 
 
@@ -174,7 +178,9 @@ def repair(
     """Remove a possible backdoor from ``source`` without data.
 
     ``source`` is an in-memory timm/transformers/torch classifier, a local model folder,
-    or a :class:`LoadedModel`. The input model is never modified; the returned model is a
+    or a :class:`LoadedModel`. ``input_size``, ``mean`` and ``std`` replace what the model's
+    config says (for a folder or Hub model too: the repair and its report use them, the saved
+    folder keeps the source's own config). The input model is never modified; the returned model is a
     new instance of the same class in the source dtype. Keyword ``overrides`` are
     :class:`RepairSettings` fields (e.g. ``prune_ratio=0.05``, ``preset="paper"``).
     ``detector`` optionally maps a model to ``(flagged, p_value)`` and guides the automatic

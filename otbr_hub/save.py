@@ -138,6 +138,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
     if source.library == "transformers":
         model = _as_dtype(model, source.dtype)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
+        _match_label_count(folder / "config.json", source.spec.num_classes)
     else:
         relu6 = source.library == "timm" and bounds_config(model).get("act_layer") == "relu6"  # otbr_hub.clip
         if source.library == "timm" and source.folder is not None and (source.folder / "config.json").is_file():
@@ -184,6 +185,18 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         mode = "wb" if isinstance(data, bytes) else "w"
         with open(folder / name, mode) as fh:
             fh.write(data)
+
+
+def _match_label_count(path: Path, num_classes: int) -> None:
+    """A head swapped after ``from_pretrained`` leaves the config's labels at the old count,
+    and transformers then refuses the folder (size mismatch): give the config generic labels
+    of the real count. Labels of the right count are kept."""
+    cfg = read_json_object(path)
+    if len(cfg.get("id2label") or {}) == num_classes:
+        return
+    cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_classes)}
+    cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_classes)}
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def plain_weights(model: nn.Module) -> nn.Module:

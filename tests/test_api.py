@@ -600,3 +600,21 @@ def test_timm_training_checkpoints_load_as_timm_reads_them(tmp_path: Path) -> No
     torch.save({**model.state_dict(), "epoch": 3}, folder / "pytorch_model.bin")
     with pytest.raises(UnsupportedModelError, match="holds more than weights"):
         load_folder(folder)
+
+
+def test_input_size_and_normalisation_given_to_repair_apply_to_folders(tmp_path: Path) -> None:
+    folder = timm_folder(tmp_path / "m")
+    report = otbr_hub.repair(str(folder), input_size=(1, 36, 36), mean=(0.5,), std=(0.25,), prune_ratio=0.05, **FAST).report
+    assert (report.input["height"], report.input["width"], report.input["mean"], report.input["std"]) == (36, 36, [0.5], [0.25])
+    assert otbr_hub.repair(str(folder), prune_ratio=0.05, **FAST).report.input["mean"] == [pytest.approx(0.286)]
+
+
+def test_a_transformers_model_with_a_swapped_head_saves_a_loadable_config(tmp_path: Path) -> None:
+    from transformers import AutoModelForImageClassification
+    from tiny import tiny_vit
+
+    model = tiny_vit()
+    model.classifier = nn.Linear(model.classifier.in_features, 3)
+    out = otbr_hub.repair(from_model(model, num_classes=3), prune_ratio=0.05, **FAST).save(tmp_path / "out")
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    assert reloaded.config.num_labels == 3 and load_folder(out).spec.num_classes == 3
