@@ -336,6 +336,25 @@ def report_files(source: LoadedModel, report: dict[str, Any], out_dir: str | Pat
     return {"otbr_report.json": report, "README.md": card}
 
 
+def check_reloads(source: LoadedModel, model: nn.Module, folder: Path) -> None:
+    """The written folder must rebuild ``model``: same tensor names and shapes when loaded the
+    way timm or transformers would (from its config). A module replaced after the model was
+    built (a head swapped for a ``Sequential``, say) is not in the config, and its folder
+    would fail for every user who tries to load it."""
+    from .load import load_folder
+    from .verify import compare_state_dicts
+
+    try:
+        problems = compare_state_dicts(plain_weights(model).state_dict(),
+                                       load_folder(folder, inspected=True).model.state_dict(), check_dtype=False)
+    except OtbrError as err:
+        problems = [str(err)]
+    if problems:
+        raise OtbrError(f"the saved folder would not rebuild this model from its config ({'; '.join(problems[:2])}): "
+                        f"a module changed after the {source.library} model was built cannot be saved in "
+                        f"{source.library}'s format; nothing was saved")
+
+
 def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, extra_files: dict[str, Any] | None = None,
                overwrite: bool = False, max_shard_size: int | str | None = None) -> Path:
     """Save atomically into ``out_dir``; returns its absolute path. Weights above
@@ -346,6 +365,7 @@ def save_model(source: LoadedModel, model: nn.Module, out_dir: str | Path, *, ex
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     try:
         write_folder(source, model, tmp, extra_files, max_shard_size=max_shard_size)
+        check_reloads(source, model, tmp)
         _shareable(tmp)
         if out.exists():
             os.replace(out, old)

@@ -618,3 +618,12 @@ def test_a_transformers_model_with_a_swapped_head_saves_a_loadable_config(tmp_pa
     out = otbr_hub.repair(from_model(model, num_classes=3), prune_ratio=0.05, **FAST).save(tmp_path / "out")
     reloaded = AutoModelForImageClassification.from_pretrained(out)
     assert reloaded.config.num_labels == 3 and load_folder(out).spec.num_classes == 3
+
+
+def test_a_model_its_config_cannot_rebuild_is_refused_at_save(tmp_path: Path) -> None:
+    model = tiny_timm()
+    model.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(model.fc.in_features, 3))
+    result = otbr_hub.repair(from_model(model.eval(), input_size=(1, 28, 28), num_classes=3), prune_ratio=0.05, **FAST)
+    with pytest.raises(otbr_hub.OtbrError, match="would not rebuild this model from its config"):
+        result.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -677,7 +677,11 @@ def test_scan_fetches_and_inspects_shards_an_index_keeps_in_a_subfolder(hub_serv
     from otbr_hub.detect import DetectSettings
     from otbr_hub.scan import ScanSettings, scan_target
 
-    out = save_model(from_model(tiny_timm(), input_size=(1, 28, 28)), tiny_timm(), tmp_path / "m", max_shard_size=20_000)
+    from huggingface_hub import save_torch_state_dict
+
+    out = timm_folder(tmp_path / "m")  # otbr-hub writes timm models as one file: shard it as another tool might
+    (out / "model.safetensors").unlink()
+    save_torch_state_dict(tiny_timm().state_dict(), out, max_shard_size=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files: dict[str, object] = {"config.json": out / "config.json"}
     for shard in sorted(set(index["weight_map"].values())):
