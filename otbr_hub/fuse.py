@@ -12,9 +12,11 @@ Which layer feeds which (``links``):
   next layer's inputs aligned with it, only where re-ordering the two together leaves the
   model's function unchanged (:func:`dataflow_links`, tested with a random permutation). A
   layer that writes into a residual sum, has a second reader, is followed by a LayerNorm,
-  is depthwise or feeds the classifier keeps its neuron order (its pruned neurons end at
-  ``1 - lam`` strength): a plan applied there would re-order channels that something else
-  still reads in the old order.
+  is depthwise or feeds the classifier keeps its neuron order (its pruned neurons get
+  ``1 - lam`` of their weights back; with an attached BatchNorm, whose scale and shift are
+  blended the same way while its running statistics stay the original's, the channel's
+  output is not simply ``1 - lam`` of the original's): a plan applied there would re-order
+  channels that something else still reads in the old order.
 * ``chain="order"``: the reference code's rule, plans chained in parameter order wherever
   the widths match, residual topology ignored (the ``paper`` preset).
 """
@@ -22,7 +24,7 @@ Which layer feeds which (``links``):
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import logging
@@ -159,10 +161,12 @@ def _permuted_tensors(a: Layer, b: Layer, mods: dict[str, nn.Module], attached: 
     return out
 
 
-def order_links(layers: list[Layer]) -> list[bool]:
+def order_links(layers: list[Layer], heads: Collection[str] = ()) -> list[bool]:
     """The reference rule: every layer is mapped through its plan, and the next scored layer
-    aligned with it wherever the widths match (checked in :func:`fuse`)."""
-    return [True] * len(layers)
+    aligned with it wherever the widths match (checked in :func:`fuse`). A class head among
+    the layers (``include_classifier``) is never mapped: its rows are the classes, and
+    mapping them would hand one class's weights to another."""
+    return [layer.name not in heads for layer in layers]
 
 
 def fuse(

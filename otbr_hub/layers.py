@@ -12,8 +12,11 @@ The rule, in order:
    DeiT's ``head_dist`` or LeViT's ``classifier_distill``), and every layer timm's
    ``get_classifier()`` returns (see :func:`classifier_names`).
 3. Shortcut/downsample projections are left out when ``skip_shortcuts`` (as in the
-   reference), recognised by name (``downsample``, ``shortcut``, ``skip``, ``proj`` of a
-   residual) since they are parallel to the main path and break layer chaining.
+   reference), recognised by name (:data:`_SHORTCUT`: a module path part ``downsample``,
+   ``shortcut``, ``skip``, ``residual_proj`` or ``shortcut_conv``) since they are parallel
+   to the main path and break layer chaining. The name rule also leaves out layers called
+   ``downsample`` that sit *on* the main path (timm ConvNeXt's stage ``downsample`` conv,
+   Swin's patch-merging ``downsample.reduction``).
 4. The stem (the first Conv2d/Linear in registration order: a CNN's input conv or a
    ViT's patch embedding) is left out when ``skip_stem``: it has few filters that every
    later feature depends on, so pruning one costs accuracy across all classes.
@@ -21,7 +24,10 @@ The rule, in order:
 
 A layer whose ``weight`` is not its own registered parameter (weight normalisation or
 another parametrisation computes it in every forward pass) is never a candidate: zeroing
-or replacing the computed tensor would not change the model.
+or replacing the computed tensor would not change the model. Neither is a layer whose bias
+is kept by its parent module (BEiT / EVA ``qkv`` with ``q_bias`` / ``v_bias``). Convolutions
+that standardise their filters (:func:`weight_standardised`) are scored and pruned, and the
+repair warns where the fusion cannot weaken their pruned neurons.
 
 Each selected layer may have *attached* per-channel tensors: its bias, and the
 BatchNorm that comes right after it in registration order, in the same parent
@@ -94,18 +100,20 @@ def classifier_name(model: nn.Module) -> str | None:
     declared = _declared_heads(model, named)
     if declared:
         return declared[0]
+    last = None
+    for name, mod in named.items():
+        if isinstance(mod, _HEADS):
+            last = name
+    width = _weight_shape(named[last])[0] if last is not None else None
     for cand in ("classifier", "head", "fc", "head.fc", "classifier.1", "linear"):
         mod = named.get(cand)
-        if isinstance(mod, _HEADS):
+        # a hidden layer may be called ``fc`` too: a head gives as many outputs as the last layer
+        if isinstance(mod, _HEADS) and _weight_shape(mod)[0] == width:
             return cand
     for cand in ("classifier", "head"):  # a head wrapped with a norm or dropout
         mod = named.get(cand)
         if mod is not None and any(isinstance(m, _HEADS) for m in mod.modules()):
             return _last_layer(mod, named)
-    last = None
-    for name, mod in named.items():
-        if isinstance(mod, _HEADS):
-            last = name
     return last
 
 
@@ -161,6 +169,26 @@ def classifier_names(model: nn.Module) -> list[str]:
 
 _NORMS = {"conv": (nn.BatchNorm2d, nn.BatchNorm1d), "linear": (nn.BatchNorm1d,)}
 
+_STANDARDISED = re.compile(r"(Std|Standardi[sz]ed)Conv", re.IGNORECASE)
+
+
+def weight_standardised(mod: nn.Module) -> bool:
+    """A convolution that standardises each filter in its forward pass (timm ``StdConv2d`` and
+    ``ScaledStdConv2d`` in BiT and NFNet, transformers' ``WeightStandardizedConv2d``). Its
+    output does not depend on a filter's scale: zeroing a filter removes the neuron, but the
+    fusion's ``(1 - lambda) * w`` for a neuron it keeps in place restores it in full."""
+    return any(_STANDARDISED.search(cls.__name__) for cls in type(mod).__mro__)
+
+
+def _outside_bias(name: str, mod: nn.Module, named: dict[str, nn.Module]) -> bool:
+    """A Linear whose per-row bias lives in its parent, not in the layer (timm BEiT and EVA
+    keep an attention's ``q_bias`` / ``v_bias`` next to a bias-free ``qkv``): zeroing the
+    layer's row would leave the bias, so the neuron would not be removed."""
+    if getattr(mod, "bias", None) is not None or "." not in name and name:
+        return False
+    parent = named.get(_parent(name))
+    return parent is not None and any(isinstance(getattr(parent, b, None), torch.Tensor) for b in ("q_bias", "v_bias"))
+
 
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
@@ -173,6 +201,7 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
     inc = re.compile(settings.include) if settings.include else None
     exc = re.compile(settings.exclude) if settings.exclude else None
     modules = list(model.named_modules())
+    modules_by_name = dict(modules)
     layers: list[Layer] = []
     filtered = 0  # layers the include/exclude patterns left out, for the error below
     stem = next((n for n, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))), None)
@@ -184,6 +213,8 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
         else:
             continue
         if kind not in kinds or name in heads or not isinstance(mod._parameters.get("weight"), nn.Parameter):
+            continue
+        if _outside_bias(name, mod, modules_by_name):
             continue
         if settings.skip_shortcuts and _SHORTCUT.search(name):
             continue

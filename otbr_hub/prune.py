@@ -62,8 +62,9 @@ def prune(model: nn.Module, layers: list[Layer], scores: Scores, ratio: float, *
     """Copy ``model`` and zero the chosen neurons' weights (and biases).
 
     With ``silence_norm`` the BatchNorm attached to a pruned conv also gets a zero scale
-    and shift for that channel: otherwise the channel still emits the BatchNorm's
-    constant ``beta - gamma * mean / std`` and the neuron is not really removed.
+    and shift for that channel (a BatchNorm without them a zero running mean): otherwise the
+    channel still emits the BatchNorm's constant ``beta - gamma * mean / std`` and the neuron
+    is not really removed.
     ``layer_cap``: see :func:`top_neurons`.
     """
     chosen = top_neurons(scores, ratio, layer_cap)
@@ -83,5 +84,7 @@ def prune(model: nn.Module, layers: list[Layer], scores: Scores, ratio: float, *
                 if norm.weight is not None:
                     norm.weight[idx] = 0
                     norm.bias[idx] = 0
+                elif getattr(norm, "running_mean", None) is not None:  # no affine part: centre the zeroed input on 0
+                    norm.running_mean[idx] = 0
     k = sum(len(v) for v in chosen.values())
     return PruneResult(model=pruned, ratio=ratio, k=k, total=scores.total, pruned=chosen)

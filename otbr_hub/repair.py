@@ -19,8 +19,8 @@ from torch import nn
 from . import __version__
 from .clip import ClipResult, clip_activations, copy_activations
 from .errors import OtbrError, UnsupportedModelError, UsageError
-from .fuse import FuseResult, dataflow_links, fuse
-from .layers import Layer, select_layers
+from .fuse import FuseResult, dataflow_links, fuse, order_links
+from .layers import Layer, classifier_names, select_layers, weight_standardised
 from .load import LoadedModel, check_forward, eval_mode, folder_spec, from_model, has_inference_tensors, load_folder
 from .placement import release_memory, resolve_device, resolve_precision
 from .progress import Progress
@@ -245,7 +245,7 @@ def repair(
         layers = select_layers(work, settings)
         with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
             links = (dataflow_links(work, spec, layers, attached=settings.fuse_attached)
-                     if settings.fuse_chain == "dataflow" else None)
+                     if settings.fuse_chain == "dataflow" else order_links(layers, heads=classifier_names(work)))
         with t("unlearn"):
             un = unlearn(work, spec, settings, device, progress=progress)
         with t("score"):
@@ -344,7 +344,8 @@ def repair(
         timings={k: round(v, 3) for k, v in t.times.items()},
         scan_before=scan_before,
         scan_after=scan_after,
-        warnings=[w for w in (low_agreement_warning(check.agreement), _no_fusion_warning(lam, pr.k, cr)) if w],
+        warnings=[w for w in (low_agreement_warning(check.agreement), _no_fusion_warning(lam, pr.k, cr),
+                              _standardised_warning(layers, pr.pruned, fr.mapped_layers, lam)) if w],
     )
     for warning in report.warnings:
         log.warning("warning: %s: %s", loaded.source, warning)
@@ -354,6 +355,19 @@ def repair(
 
         result.url = publish(result, report.to_dict(), repo_id=repo_id, pr=publish_as_pr)
     return result
+
+
+def _standardised_warning(layers: list[Layer], pruned: dict[str, list[int]], mapped: list[str], lam: float) -> str | None:
+    """Pruned neurons the fusion gives back in full: in a filter-standardising convolution that
+    the fusion keeps in order, ``(1 - lambda) * w`` computes the same output as ``w``."""
+    if lam >= 1:
+        return None
+    kept = sum(len(pruned.get(l.name) or []) for l in layers if l.name not in mapped and weight_standardised(l.module))
+    if not kept:
+        return None
+    return (f"{kept} pruned neurons are in convolutions that standardise their filters (StdConv2d, as in BiT and NFNet) "
+            "and keep their order in the fusion, where scaling a filter does not change its output: the fusion restores "
+            "them in full (--lambda 1 removes them)")
 
 
 def _no_fusion_warning(lam: float, pruned: int, clip: ClipResult) -> str | None:

@@ -73,7 +73,14 @@ def unlearn(
     first = last = float("nan")
     with torch.enable_grad():  # a caller inside torch.no_grad() still gets gradients here
         for step in range(settings.unlearn_steps):
-            first, last = _step(work, opt, spec, settings, gen, n, n_labels, side, chunk, device, step, first)
+            try:
+                first, last = _step(work, opt, spec, settings, gen, n, n_labels, side, chunk, device, step, first)
+            except ValueError as err:  # BatchNorm in train mode over a single value per channel
+                if "more than 1 value per channel" not in str(err):
+                    raise
+                raise UsageError(f"unlearning sends {min(chunk, n)} image(s) a pass in train mode, and a BatchNorm "
+                                 f"of this model then sees one value per channel: give {flag_of('unlearn_batch')} "
+                                 f"and {flag_of('unlearn_chunk')} (if set) at least 2") from None
             if progress is not None:
                 progress("unlearn", step + 1, settings.unlearn_steps)
     work.eval()

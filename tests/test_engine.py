@@ -967,3 +967,78 @@ def test_lambda_zero_without_bounds_warns_that_nothing_changed():
     assert_state_equal(snapshot(model), snapshot(res.model))
     assert res.report.neurons_pruned > 0
     assert any("lambda 0" in w and "unchanged" in w for w in res.report.warnings), res.report.warnings
+
+
+# ----- engine review (session 15) ------------------------------------------------------------------------------
+
+
+class _HiddenFc(nn.Module):
+    """A hidden layer named ``fc`` feeding the real class head ``out``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv(x)))).mean((2, 3))
+        return self.out(F.relu(self.fc(x)))
+
+
+def test_a_hidden_layer_called_fc_is_not_taken_for_the_class_head() -> None:
+    model = _HiddenFc()
+    assert classifier_name(model) == "out"
+    assert [l.name for l in select_layers(model, RepairSettings())] == ["conv2", "fc"]
+
+
+def test_a_batchnorm_without_affine_part_is_silenced_with_its_pruned_channel() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    model[2].running_mean.uniform_(-1, 1)
+    layers = select_layers(model, RepairSettings())
+    assert [(l.name, l.norm_name) for l in layers] == [("1", "2")]
+    scores = Scores(nwc={"1": torch.arange(6.0)}, rank={"1": torch.arange(6.0)}, ranking="raw")
+    pr = prune(model, layers, scores, ratio=0.2)
+    assert pr.pruned == {"1": [5]}
+    with torch.no_grad():
+        features = pr.model[:3](torch.randn(2, 1, 8, 8))
+    assert features[:, 5].abs().max() == 0 and features[:, 4].abs().max() > 0
+
+
+def test_the_reference_chain_never_maps_a_class_head_it_was_asked_to_score() -> None:
+    torch.manual_seed(0)
+    model = _HiddenFc().eval()
+    result = repair(from_model(model, input_size=(1, 12, 12)), prune_ratio=0.2, fuse_chain="order", include_classifier=True,
+                    **FAST)
+    fusion = result.report.fusion
+    assert fusion["fused_layers"] >= 2 and fusion["ot_mapped_layers"] == fusion["fused_layers"] - 1  # all but "out"
+
+
+def test_beit_qkv_with_biases_in_its_parent_is_not_scored() -> None:
+    model = timm.create_model("beit_base_patch16_224", depth=1, embed_dim=32, num_heads=2, img_size=32, patch_size=8,
+                              num_classes=10)
+    names = [l.name for l in select_layers(model, RepairSettings())]
+    assert "blocks.0.attn.qkv" not in names and "blocks.0.mlp.fc1" in names
+
+
+def test_single_image_train_mode_passes_are_a_settings_error() -> None:
+    from tiny import tiny_timm
+
+    with pytest.raises(UsageError, match="at least 2"):
+        repair(from_model(tiny_timm(), input_size=(1, 28, 28)), prune_ratio=0.05, unlearn_steps=1, unlearn_batch=1,
+               verify_samples=4, device="cpu", detector=False)
+
+
+def test_pruned_neurons_a_filter_standardising_conv_gives_back_are_reported() -> None:
+    from timm.layers import StdConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(1, 8, 3, padding=1), nn.ReLU(), StdConv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    report = repair(from_model(model, input_size=(1, 12, 12)), prune_ratio=0.25, **FAST).report
+    assert any("standardise their filters" in w for w in report.warnings), report.warnings
+    report = repair(from_model(model, input_size=(1, 12, 12)), prune_ratio=0.25, lam=1.0, **FAST).report
+    assert not any("standardise their filters" in w for w in report.warnings)
