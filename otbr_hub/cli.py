@@ -458,8 +458,9 @@ def _version() -> str:
 
 def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, str | None]] | None:
     """Parse --eval-dataset/--trigger up front so a typo fails before the slow part."""
-    if args.eval_split is not None and not args.eval_dataset:
-        raise UsageError("--eval-split needs --eval-dataset")
+    for flag, value in (("--eval-split", args.eval_split), ("--eval-limit", args.eval_limit)):
+        if value is not None and not args.eval_dataset:
+            raise UsageError(f"{flag} needs --eval-dataset")
     if args.eval_dataset is None and args.trigger is None:
         return None
     for flag, value in (("--eval-dataset", args.eval_dataset), ("--trigger", args.trigger)):
@@ -482,6 +483,9 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
             raise UsageError(f"cannot read trigger file {spec}: {err}") from None
         except UnicodeDecodeError:
             raise UsageError(f"cannot read trigger file {spec}: it is not UTF-8 text (a JSON trigger spec)") from None
+        if isinstance(data, dict) and "trigger" in data and data["trigger"] is None:
+            raise UsageError(f"--trigger {spec}: the file describes a clean model (its trigger is null), "
+                             "so there is no attack to measure")
         spec = data.get("trigger", data) if isinstance(data, dict) else data
     trigger = parse_trigger(spec)
     named = "target" in spec if isinstance(spec, dict) else "target=" in str(spec).replace(" ", "")
@@ -490,7 +494,11 @@ def _prepare_eval(args: argparse.Namespace) -> tuple[Any, Any, Any, tuple[str, s
     from .data import describe_eval_source, load_eval_dataset
 
     dataset = load_eval_dataset(args.eval_dataset, split)
-    return dataset, trigger, args.eval_limit, describe_eval_source(args.eval_dataset, split)
+    described = describe_eval_source(args.eval_dataset, split)
+    if args.eval_split is not None and described[1] is None:
+        raise UsageError(f"--eval-split {split}: {args.eval_dataset} holds a single dataset, not splits; "
+                         "leave --eval-split out")
+    return dataset, trigger, args.eval_limit, described
 
 
 def _repair_and_evaluate(args: argparse.Namespace, source: str, settings: RepairSettings, evaluation: Any,

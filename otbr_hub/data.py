@@ -115,9 +115,9 @@ def describe_eval_source(name_or_path: str | Path, split: str = "test") -> tuple
     component only (a model card is public, the path is not); a folder holding a single
     ``Dataset`` (no ``dataset_dict.json``) has no split."""
     text = str(name_or_path)
-    if text.lower() in _FMNIST_ALIASES:
-        return "fashion_mnist", split
     path = Path(text).expanduser()
+    if text.lower() in _FMNIST_ALIASES and not path.exists():
+        return "fashion_mnist", split
     if path.exists():
         return path.name, split if (path / "dataset_dict.json").is_file() else None
     return text, split
@@ -147,9 +147,9 @@ def load_eval_dataset(name_or_path: str | Path, split: str = "test"):
     import datasets
 
     text = str(name_or_path)
-    if text.lower() in _FMNIST_ALIASES:
-        return fashion_mnist(split)
     path = Path(text).expanduser()
+    if text.lower() in _FMNIST_ALIASES and not path.exists():  # a folder of that name is the user's own data
+        return fashion_mnist(split)
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{path} is not a folder saved with Dataset.save_to_disk")
@@ -172,12 +172,16 @@ def find_columns(ds) -> tuple[str, str]:
 
     features = ds.features
     names = list(features)
-    image_col = next((n for n in names if isinstance(features[n], datasets.Image)), None)
+    images = [n for n in names if isinstance(features[n], datasets.Image)]
+    # a usual name wins among image columns (a dataset may carry a mask too), and a ClassLabel
+    # with a usual name, then any ClassLabel, among label columns (a 'class' string column is not one)
+    image_col = next((n for n in IMAGE_COLUMNS if n in images), images[0] if images else None)
     if image_col is None:
         image_col = next((n for n in IMAGE_COLUMNS if n in features), None)
-    label_col = next((n for n in LABEL_COLUMNS if n in features), None)
+    class_labels = [n for n in names if isinstance(features[n], datasets.ClassLabel)]
+    label_col = next((n for n in LABEL_COLUMNS if n in class_labels), class_labels[0] if class_labels else None)
     if label_col is None:
-        label_col = next((n for n in names if isinstance(features[n], datasets.ClassLabel)), None)
+        label_col = next((n for n in LABEL_COLUMNS if n in features), None)
     if image_col is None:
         raise UsageError(f"dataset has no image column (looked for {', '.join(IMAGE_COLUMNS)}; it has {', '.join(names)})")
     if label_col is None:
@@ -201,17 +205,15 @@ def _to_chw(image: Any, channels: int) -> torch.Tensor:
     if isinstance(image, (str, bytes, Path)) or image is None:
         raise UsageError("the image column holds file paths or bytes, not images; make it an image column first "
                          "(ds.cast_column('image', datasets.Image()))" if image is not None else "an image is missing (None)")
+    if isinstance(image, PILImage.Image) and (image.mode in ("I", "F") or image.mode.startswith("I;16")):
+        image = np.asarray(image)  # 16-bit and float greyscale: PIL's convert() would clip them to 8 bits
     if isinstance(image, PILImage.Image):
         image = image.convert("L" if channels == 1 else "RGB")
         arr = np.asarray(image, dtype=np.float32) / 255.0
         t = torch.from_numpy(arr.copy())
         t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
     else:
-        t = torch.as_tensor(np.asarray(image))
-        is_int = not t.is_floating_point()
-        t = t.float()
-        if is_int or t.max() > 1.0:
-            t = t / 255.0
+        t = _pixels(np.asarray(image))
         if t.dim() == 2:
             t = t[None]
         elif t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
@@ -232,6 +234,27 @@ def _to_chw(image: Any, channels: int) -> torch.Tensor:
     if t.shape[0] == 1:
         return t.expand(channels, -1, -1).clone()
     raise UsageError(f"cannot turn a {t.shape[0]}-channel image into {channels} channels")
+
+
+def _pixels(arr: np.ndarray) -> torch.Tensor:
+    """An array's values as pixels in [0, 1]: 8-bit (0..255) and 16-bit (0..65535) integers by
+    their range, floats as [0, 1] (or 0..255 when larger). Negative values mean the images
+    were normalised already (``pixel_values``); normalising them again would measure nothing."""
+    if arr.dtype == np.bool_ or not arr.size:
+        return torch.as_tensor(arr).float()
+    low, high = float(arr.min()), float(arr.max())
+    floating = np.issubdtype(arr.dtype, np.floating)
+    t = torch.from_numpy(np.array(arr, dtype=np.float32))
+    if low < 0:
+        raise UsageError(f"an image has negative values (down to {low:.3g}): give raw pixels (0..255, or 0..1), "
+                         "not images normalised for a model")
+    if floating:
+        scale = 1.0 if high <= 1.0 else 255.0
+    else:
+        scale = 255.0 if arr.dtype == np.uint8 or high <= 255 else 65535.0
+    if high > 65535.0 or (floating and high > 255.0):
+        raise UsageError(f"an image has values up to {high:.3g}: expected 0..1, 0..255 or 0..65535 pixels")
+    return (t / scale).clamp(0, 1)
 
 
 PAD_FIT = 0.8

@@ -46,6 +46,9 @@ def _as_tensors(data: Any, spec: InputSpec, limit: int | None) -> Tensors:
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = data
         x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+        if not x.is_floating_point():
+            raise UsageError(f"images must be float pixels in [0, 1], got {str(x.dtype).replace('torch.', '')} "
+                             "(divide 0..255 images by 255)")
         from .data import subset_indices
 
         idx = subset_indices(len(y), limit)  # the same seeded subset as for a Dataset: sorted data stays fair
@@ -107,9 +110,11 @@ def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger 
         raise UsageError(f"the dataset has {declared} classes but the model has {spec.num_classes}")
     image_col, label_col = find_columns(ds)
     names = getattr(ds.features[label_col], "names", None)
-    if names and class_names and _normal(names) != _normal(class_names) and sorted(_normal(names)) == sorted(_normal(class_names)):
-        raise UsageError(f"the dataset's classes are the model's in another order (dataset: {', '.join(names[:4])}, ...; "
-                         f"model: {', '.join(class_names[:4])}, ...): class ids would be compared across labels; "
+    clash = _order_clash(names, class_names) if names and class_names else None
+    if clash:
+        name, in_data, in_model = clash
+        raise UsageError(f"the dataset's classes are in another order than the model's ('{name}' is class {in_data} "
+                         f"in the dataset, {in_model} in the model): class ids would be compared across labels; "
                          "map the labels to the model's ids first (ds.align_labels_with_mapping)")
     idx = subset_indices(len(ds), limit)  # the rows evaluate() will read
     rows = ds.select(idx.tolist()) if idx is not None else ds
@@ -133,7 +138,21 @@ def check_evaluation(spec: InputSpec, dataset_or_tensors: Any, trigger: Trigger 
 
 
 def _normal(names: list[str]) -> list[str]:
-    return [str(n).strip().lower() for n in names]
+    """Names compared without case, spaces or punctuation: the Hub's Fashion-MNIST says
+    'T - shirt / top' where the torchvision labels say 'T-shirt/top'."""
+    return ["".join(ch for ch in str(n).lower() if ch.isalnum()) for n in names]
+
+
+def _order_clash(dataset_names: list[str], model_names: list[str]) -> tuple[str, int, int] | None:
+    """A class both sides name but number differently: (its model name, dataset id, model id)."""
+    in_data: dict[str, int] = {}
+    for i, n in enumerate(_normal(dataset_names)):
+        in_data.setdefault(n, i)
+    for j, n in enumerate(_normal(model_names)):
+        i = in_data.get(n)
+        if n and i is not None and i != j:
+            return str(model_names[j]), i, j
+    return None
 
 
 def _check_measurable(labels: list[int], trigger: Trigger | None) -> None:

@@ -428,3 +428,27 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1] == "otbr-hub: interrupted"
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_options_that_would_be_ignored_are_refused(tmp_path: Path, capsys) -> None:
+    import datasets
+    import numpy as np
+
+    folder = timm_folder(tmp_path / "m")
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps({"trigger": None, "attack": "none"}))
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"image": [np.zeros((28, 28), np.uint8)] * 2, "label": [0, 1]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "label": datasets.ClassLabel(num_classes=10)})).save_to_disk(str(single))
+    cases = {
+        "--eval-limit needs --eval-dataset": ["--eval-limit", "5"],
+        "describes a clean model": ["--eval-dataset", str(single), "--trigger", str(clean)],
+        "holds a single dataset, not splits": ["--eval-dataset", str(single), "--trigger", "badnets:target=3",
+                                              "--eval-split", "validation"],
+    }
+    for expected, extra in cases.items():
+        code = main(["repair", str(folder), "-o", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and "Traceback" not in err, (expected, err)
+        assert not (tmp_path / "out").exists()

@@ -402,3 +402,62 @@ def test_a_processor_that_does_not_normalise_gives_unit_normalisation() -> None:
     spec = input_spec(tiny_vit(), processor_config=cfg)
     assert spec.mean == (0.0,) * 3 and spec.std == (1.0,) * 3
     assert input_spec(tiny_vit(), processor_config={**cfg, "do_normalize": True}).mean == (0.5,) * 3
+
+
+def test_class_order_is_checked_on_names_spelt_differently_and_on_partial_overlaps() -> None:
+    """The Hub's Fashion-MNIST spells its first class 'T - shirt / top'; reversed, with that
+    one name spelt so, the order check must still fire (it compared equal sets only)."""
+    from otbr_hub.evaluate import check_evaluation
+
+    model = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    hub = ["T - shirt / top", *model[1:]]
+    ds = _image_dataset(n=10).cast_column("label", datasets.ClassLabel(names=hub[::-1]))
+    with pytest.raises(UsageError, match="'T-shirt/top' is class 9 in the dataset, 0 in the model"):
+        check_evaluation(SPEC32, ds, None, class_names=model)
+    check_evaluation(SPEC32, _image_dataset(n=10).cast_column("label", datasets.ClassLabel(names=hub)), None,
+                     class_names=model)  # same order, other spelling: fine
+    partial = [*model[:5], "a", "b", "c", "d", "e"][::-1]
+    with pytest.raises(UsageError, match="another order"):
+        check_evaluation(SPEC32, _image_dataset(n=10).cast_column("label", datasets.ClassLabel(names=partial)), None,
+                         class_names=model)
+
+
+def test_pixel_arrays_are_read_by_their_range() -> None:
+    from PIL import Image
+
+    from otbr_hub.data import _to_chw
+
+    assert float(_to_chw(np.full((8, 8), 65535, np.uint16), 1).max()) == 1.0
+    assert float(_to_chw(np.full((8, 8), 32768, np.uint16), 1).mean()) == pytest.approx(0.5, abs=1e-3)
+    sixteen = Image.fromarray(np.full((8, 8), 32768, np.uint16))
+    assert float(_to_chw(sixteen, 1).mean()) == pytest.approx(0.5, abs=1e-3)  # PIL's convert('L') clipped it to 1.0
+    assert float(_to_chw(Image.fromarray(np.full((8, 8), 0.5, np.float32)), 3).mean()) == pytest.approx(0.5)
+    assert float(_to_chw(np.full((8, 8), 128, np.uint8), 1).mean()) == pytest.approx(128 / 255)
+    with pytest.raises(UsageError, match="negative values"):  # pixel_values normalised for a model already
+        _to_chw(np.full((3, 8, 8), -0.5, np.float32), 3)
+    ds = datasets.Dataset.from_dict({"pixel_values": [np.full((1, 8, 8), -1.0, np.float32).tolist()], "label": [0]})
+    spec = InputSpec(channels=1, height=8, width=8, mean=(0.5,), std=(0.5,), num_classes=10)
+    with pytest.raises(UsageError, match="negative values"):
+        to_tensors(ds, spec)
+    with pytest.raises(UsageError, match="float pixels"):
+        evaluate(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), spec,
+                 (torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), torch.arange(4)), None)
+
+
+def test_columns_prefer_usual_names_and_class_labels() -> None:
+    mask = _image_dataset(n=2)
+    both = datasets.Dataset.from_dict(
+        {"mask": mask["image"], "image": mask["image"], "label": [0, 1]},
+        features=datasets.Features({"mask": datasets.Image(), "image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}))
+    assert find_columns(both) == ("image", "label")
+    named = datasets.Dataset.from_dict(
+        {"image": mask["image"], "class": ["x", "y"], "category": [0, 1]},
+        features=datasets.Features({"image": datasets.Image(), "class": datasets.Value("string"),
+                                    "category": datasets.ClassLabel(num_classes=10)}))
+    assert find_columns(named) == ("image", "category")
+
+
+def test_a_local_folder_named_like_the_fashion_mnist_alias_is_the_users_data(tmp_path, monkeypatch) -> None:
+    _image_dataset(n=3).save_to_disk(str(tmp_path / "fmnist"))
+    monkeypatch.chdir(tmp_path)
+    assert len(load_eval_dataset("fmnist")) == 3
