@@ -181,7 +181,8 @@ def repair(
     or a :class:`LoadedModel`. ``input_size``, ``mean`` and ``std`` replace what the model's
     config says (for a folder or Hub model too: the repair and its report use them, the saved
     folder keeps the source's own config). The input model is never modified; the returned model is a
-    new instance of the same class in the source dtype. Keyword ``overrides`` are
+    new instance of the same class, in the input model's dtype (a folder or Hub model is loaded in
+    float32 to compute with; :meth:`RepairResult.save` writes each tensor in its stored dtype). Keyword ``overrides`` are
     :class:`RepairSettings` fields (e.g. ``prune_ratio=0.05``, ``preset="paper"``).
     ``detector`` optionally maps a model to ``(flagged, p_value)`` and guides the automatic
     ratio choice; by default the max-margin detector from :mod:`otbr_hub.detect` is used

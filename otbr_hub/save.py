@@ -176,6 +176,10 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
         # an in-memory model: record the input it was repaired for (its config may not say)
         _write_processor_config(folder / "preprocessor_config.json", source.spec)
         _record_image_size(model, source.spec, folder / "config.json")
+    elif source.library == "transformers" and not any((source.folder / n).is_file() for n in _CARRY):
+        # a folder without an image processor: write the one the repair assumed, so that the
+        # card's AutoImageProcessor.from_pretrained(...) works on the result
+        _write_processor_config(folder / "preprocessor_config.json", source.spec)
     if source.folder is not None:
         for name in _CARRY:
             if (source.folder / name).is_file() and not (folder / name).exists():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -627,3 +628,14 @@ def test_a_model_its_config_cannot_rebuild_is_refused_at_save(tmp_path: Path) ->
     with pytest.raises(otbr_hub.OtbrError, match="would not rebuild this model from its config"):
         result.save(tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_transformers_folder_without_an_image_processor_gets_one(tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor
+    from tiny import tiny_vit
+
+    model = tiny_vit()
+    model.save_pretrained(tmp_path / "src")  # weights and config only
+    out = otbr_hub.repair(str(tmp_path / "src"), prune_ratio=0.05, **FAST).save(tmp_path / "out")
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor(images=[np.zeros((32, 32, 3), np.uint8)], return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
