@@ -30,10 +30,11 @@ that standardise their filters (:func:`weight_standardised`) are scored and prun
 repair warns where the fusion cannot weaken their pruned neurons.
 
 Each selected layer may have *attached* per-channel tensors: its bias, and the
-BatchNorm that comes right after it in registration order, in the same parent
-module, with a matching width (BatchNorm2d after a conv, BatchNorm1d after a Linear,
-as in LeViT) (a norm in the next block normalises a residual sum,
-not this layer alone, so it is not attached). They
+BatchNorm that reads its output, with a matching width (BatchNorm2d after a conv,
+BatchNorm1d after a Linear, as in LeViT). The repair finds it in one forward pass (a norm
+that reads a residual sum normalises more than this layer, so it is not attached); without
+an input description the BatchNorm registered right after the layer in the same parent
+module is taken. They
 travel with the neuron when pruning and fusing (post-activation ResNets otherwise keep
 a pruned channel alive through the BatchNorm shift).
 """
@@ -42,12 +43,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import UnsupportedModelError, UsageError
 from .settings import RepairSettings
+
+if TYPE_CHECKING:
+    from .load import InputSpec
 
 _SHORTCUT = re.compile(r"(^|\.)(downsample|shortcut|skip|residual_proj|shortcut_conv)(\.|$)")
 
@@ -194,8 +199,52 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
-    """Apply the documented rule; raise if nothing is left to score."""
+def _norms_by_dataflow(model: nn.Module, spec: InputSpec, layers: list[Layer]) -> dict[str, str]:
+    """Layer name -> the BatchNorm that reads that layer's output (or a view of it), from one
+    eval-mode pass of a blank image. A model may register ``conv1, conv2, bn1, bn2`` and
+    compute ``bn1(conv1(x))``: the registration order would give conv2 bn1. A norm that
+    reads a sum (a residual) or another layer's output is not the layer's."""
+    from .load import eval_mode, forward_logits, model_device, model_dtype
+
+    names = {id(layer.module): layer.name for layer in layers}
+    # (storage, size) of each layer's output -> (layer, output): a view of it (LeViT flattens
+    # before its BatchNorm1d) is the same data; outputs are kept alive so storages stay unique
+    produced: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
+    fed: dict[str, str] = {}
+    hooks = []
+
+    def key(t: torch.Tensor) -> tuple[int, int]:
+        return t.untyped_storage().data_ptr(), t.numel()
+
+    def on_layer(mod: nn.Module, _inputs: tuple, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.numel():
+            produced[key(out)] = (names[id(mod)], out)
+
+    def on_norm(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_mod: nn.Module, inputs: tuple) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].numel() and key(inputs[0]) in produced:
+                fed.setdefault(produced[key(inputs[0])][0], name)
+        return hook
+
+    for layer in layers:
+        hooks.append(layer.module.register_forward_hook(on_layer))
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            hooks.append(mod.register_forward_pre_hook(on_norm(name)))
+    x = spec.normalize(torch.zeros(1, spec.channels, spec.height, spec.width))
+    try:
+        with eval_mode(model), torch.no_grad():
+            forward_logits(model, x.to(device=model_device(model), dtype=model_dtype(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return fed
+
+
+def select_layers(model: nn.Module, settings: RepairSettings, spec: InputSpec | None = None) -> list[Layer]:
+    """Apply the documented rule; raise if nothing is left to score. With ``spec``, which
+    BatchNorm belongs to which layer is read off one forward pass (:func:`_norms_by_dataflow`)
+    instead of the registration order."""
     kinds = {k.strip() for k in settings.layer_types.split(",")}
     heads = set() if settings.include_classifier else set(classifier_names(model))
     inc = re.compile(settings.include) if settings.include else None
@@ -224,13 +273,20 @@ def select_layers(model: nn.Module, settings: RepairSettings) -> list[Layer]:
             filtered += 1
             continue
         layer = Layer(name=name, module=mod, kind=kind)
-        for nname, nmod in modules[idx + 1 :]:
+        for nname, nmod in modules[idx + 1 :] if spec is None else ():
             if isinstance(nmod, (nn.Conv2d, nn.Linear)):
                 break
             if isinstance(nmod, _NORMS[kind]) and nmod.num_features == layer.n_out and _parent(nname) == _parent(name):
                 layer.norm_name, layer.norm = nname, nmod
                 break
         layers.append(layer)
+    if spec is not None and layers:
+        fed = _norms_by_dataflow(model, spec, layers)
+        for layer in layers:
+            nname = fed.get(layer.name)
+            nmod = modules_by_name.get(nname) if nname else None
+            if isinstance(nmod, _NORMS[layer.kind]) and nmod.num_features == layer.n_out:
+                layer.norm_name, layer.norm = nname, nmod
     if not layers and filtered:
         patterns = " and ".join(f"{flag} '{p}'" for flag, p in (("--include", settings.include),
                                                                 ("--exclude", settings.exclude)) if p)

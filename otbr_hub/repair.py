@@ -243,7 +243,7 @@ def repair(
     # a caller inside torch.no_grad() or torch.inference_mode() must not break unlearning or the probes
     with torch.inference_mode(False), torch.enable_grad(), _seeded(settings.seed, device), _working_model(loaded.model, device) as work:
         check_forward(work, spec)
-        layers = select_layers(work, settings)
+        layers = select_layers(work, settings, spec)
         with t("fuse"):  # which layers feed which: a few forward passes, counted with the fusion
             links = (dataflow_links(work, spec, layers, attached=settings.fuse_attached)
                      if settings.fuse_chain == "dataflow" else order_links(layers, heads=classifier_names(work)))

@@ -1042,3 +1042,26 @@ def test_pruned_neurons_a_filter_standardising_conv_gives_back_are_reported() ->
     assert any("standardise their filters" in w for w in report.warnings), report.warnings
     report = repair(from_model(model, input_size=(1, 12, 12)), prune_ratio=0.25, lam=1.0, **FAST).report
     assert not any("standardise their filters" in w for w in report.warnings)
+
+
+class _OddOrder(nn.Module):
+    """Registers conv1, conv2, bn1, bn2 but computes bn1(conv1(x)) and bn2(conv2(.))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(self.stem(x))))
+        return self.head(F.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_the_batchnorm_attached_to_a_layer_is_the_one_that_reads_its_output() -> None:
+    model = _OddOrder().eval()
+    spec = from_model(model, input_size=(1, 8, 8)).spec
+    assert [(l.name, l.norm_name) for l in select_layers(model, RepairSettings(), spec)] == [("conv1", "bn1"), ("conv2", "bn2")]
