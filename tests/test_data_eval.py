@@ -461,3 +461,25 @@ def test_a_local_folder_named_like_the_fashion_mnist_alias_is_the_users_data(tmp
     _image_dataset(n=3).save_to_disk(str(tmp_path / "fmnist"))
     monkeypatch.chdir(tmp_path)
     assert len(load_eval_dataset("fmnist")) == 3
+
+
+def test_a_dataset_is_measured_chunk_by_chunk_with_the_same_numbers(monkeypatch) -> None:
+    import otbr_hub.evaluate as ev
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 10)).eval()
+    ds = _image_dataset(n=23)
+    trigger = parse_trigger("badnets:target=3")
+    whole = evaluate(model, SPEC32, ds, trigger)
+    monkeypatch.setattr(ev, "DECODE_CHUNK", 5)
+    decoded: list[int] = []
+    import otbr_hub.data as data_mod
+
+    original = data_mod.to_tensors
+    monkeypatch.setattr(data_mod, "to_tensors", lambda rows, spec, **kw: decoded.append(len(rows)) or original(rows, spec, **kw))
+    chunked = evaluate(model, SPEC32, ds, trigger)
+    assert max(decoded) == 5 and sum(decoded[1:]) == 23  # the first call is check_evaluation's one-row decode
+    assert (chunked.acc, chunked.asr, chunked.ra, chunked.n_clean, chunked.n_triggered) == \
+        (whole.acc, whole.asr, whole.ra, whole.n_clean, whole.n_triggered)
+    x, y = to_tensors(ds, SPEC32)
+    assert evaluate(model, SPEC32, (x, y), trigger).acc == pytest.approx(whole.acc)
