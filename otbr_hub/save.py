@@ -158,9 +158,11 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
             from timm.models._hub import save_config_for_hf
 
             spec = source.spec
-            pcfg = {"input_size": [spec.channels, spec.height, spec.width], "mean": list(spec.mean), "std": list(spec.std), "num_classes": spec.num_classes}
-            save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": pcfg},
-                               model_args={"act_layer": "relu6"} if relu6 else None)
+            # the input it was repaired for, as timm's export records preprocessing (data_config also
+            # drops the architecture's default test_input_size, e.g. 288 px, which would not apply)
+            data = {"input_size": (spec.channels, spec.height, spec.width), "mean": tuple(spec.mean), "std": tuple(spec.std)}
+            save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": {"num_classes": spec.num_classes}},
+                               data_config=data, model_args={"act_layer": "relu6"} if relu6 else None)
             cfg = read_json_object(folder / "config.json")
             args = cfg.get("model_args") or {}
             if cfg.get("num_classes") != spec.num_classes or args.get("num_classes", spec.num_classes) != spec.num_classes:

@@ -639,3 +639,14 @@ def test_a_transformers_folder_without_an_image_processor_gets_one(tmp_path: Pat
     out = otbr_hub.repair(str(tmp_path / "src"), prune_ratio=0.05, **FAST).save(tmp_path / "out")
     processor = AutoImageProcessor.from_pretrained(out)
     assert processor(images=[np.zeros((32, 32, 3), np.uint8)], return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_an_in_memory_timm_model_saves_the_input_it_was_repaired_for(tmp_path: Path) -> None:
+    """timm's export records the input size, mean and std as preprocessing, and drops the
+    architecture's default test size (resnet18: 288 px), which would not apply to a 28 px model."""
+    model = tiny_timm()
+    out = otbr_hub.repair(from_model(model, input_size=(1, 28, 28), mean=(0.3,), std=(0.4,)), prune_ratio=0.05,
+                          **FAST).save(tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 28, 28] and cfg["mean"] == [0.3] and cfg["std"] == [0.4]
+    assert not cfg.get("test_input_size")
