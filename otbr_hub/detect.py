@@ -151,8 +151,10 @@ class DetectSettings:
     inputs are further capped by :func:`otbr_hub.placement.images_per_pass` (a few images
     at 224 px on a CPU); starting images depend only on (seed, class), so chunking does not change results."""
     precision: str = "auto"
-    """Arithmetic of the search's forward/backward passes: 'fp32', 'bf16' (autocast; margins
-    are taken from float32 logits) or 'auto' (bf16 where the device runs it natively and the
+    """Arithmetic of the search's forward/backward passes: 'fp32', 'bf16' (autocast: the logits
+    come out of the head in bfloat16, about 3 significant digits, and the margins are computed
+    from them in float32; the 0.1 log floor of the outlier test is far coarser) or 'auto'
+    (bf16 where the device runs it natively and the
     input is large enough to gain from it); see :func:`otbr_hub.placement.resolve_precision`."""
     alpha_backdoored: float = 0.01
     """p-value below which the verdict is 'backdoored'."""
@@ -338,12 +340,18 @@ class Detection:
 # --------------------------------------------------------------------------- search
 
 
+def generator_seed(value: int) -> int:
+    """A seed derived by arithmetic on the user's seed, folded into what torch's generators take:
+    every seed the settings accept ([0, 2**63)) works, and small seeds keep their old streams."""
+    return int(value) % 2**63
+
+
 def _initial_images(classes: list[int], n: int, shape: tuple[int, int, int], seed: int, stage: int) -> torch.Tensor:
     """Uniform random starting images, drawn per class so that a class's start depends only on
     (seed, stage, class) and not on how classes are chunked into batches."""
     out = torch.empty(len(classes) * n, *shape)
     for i, c in enumerate(classes):
-        g = torch.Generator().manual_seed(((seed * 1_000_003) + c) * 4 + stage)
+        g = torch.Generator().manual_seed(generator_seed(((seed * 1_000_003) + c) * 4 + stage))
         out[i * n : (i + 1) * n] = torch.rand(n, *shape, generator=g)
     return out
 
@@ -406,7 +414,7 @@ def _search(
             x = torch.sigmoid(z)
             with gradient_precision(precision, device, spec):
                 m = _margins(forward_logits(model, spec.normalize(x).to(dtype)).float(), targets)
-            top = torch.maximum(top, m.detach())
+            top = torch.fmax(top, m.detach())  # a NaN step does not erase the best margin so far
             (grad,) = torch.autograd.grad(-m.sum(), z)
             z.grad = grad
             opt.step()
@@ -414,7 +422,7 @@ def _search(
                 passes.add(len(targets))
         with torch.no_grad():  # the last update has not been evaluated yet
             m = _margins(forward_logits(model, spec.normalize(torch.sigmoid(z)).to(dtype)).float(), targets)
-            top = torch.maximum(top, m)
+            top = torch.fmax(top, m)
         per_class = top.view(len(chunk), n_inputs).max(dim=1).values.cpu()
         best.update({c: float(v) for c, v in zip(chunk, per_class)})
     return best
@@ -459,7 +467,7 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
     k = spec.num_classes
     screened = k > s.max_classes
     n_in, n_steps = s.full_budget(screened)
-    searched = min(k, s.sample_size() + s.screen_top + len(candidates or [])) if screened else k
+    searched = min(k, s.sample_size() + (len(candidates) if candidates else s.screen_top)) if screened else k
     margin_screen = screened and s.screen_steps > 0 and not candidates
     passes = _Passes(progress, (k * s.screen_inputs * s.screen_steps if margin_screen else 0) + searched * n_in * n_steps)
     with _scanning(model, device):
@@ -478,7 +486,7 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
                 screen = [sm[c] for c in range(k)]
                 top += [int(c) for c in np.argsort(-np.asarray(screen), kind="stable")[: s.screen_top]]
             rng = np.random.default_rng(s.seed)
-            null = sorted(int(c) for c in rng.choice(k, size=min(k, s.sample_size()), replace=False))
+            null = sorted(int(c) for c in rng.choice(k, size=s.max_classes - s.screen_top, replace=False))
             full = sorted(set(top) | set(null))
             passes.total = passes.done + len(full) * n_in * n_steps  # top and sample may overlap
         margins = _search(model, spec, full, n_in, n_steps, s.lr, s.seed, _STAGE_FULL, device, s.max_batch,
@@ -508,10 +516,21 @@ def gamma_p_value(r_max: float, null: np.ndarray, k: int) -> float:
     """
     if len(null) < 2:
         return 1.0
-    if np.ptp(null) <= 1e-9 * max(abs(float(np.max(null))), 1e-12):  # all equal: no spread to fit
-        return 1.0 if r_max <= float(np.max(null)) * (1 + 1e-9) else 0.0
-    shape, _, scale = stats.gamma.fit(null, floc=0)
+    # margins come from float32 logits: values a few float32 steps apart are equal, and a
+    # Gamma has no shape to fit to them (the fit fails, or gives p = 0 for a top class one step up)
+    if np.ptp(null) <= _SAME * max(abs(float(np.max(null))), 1e-12):
+        return 1.0
+    try:
+        shape, _, scale = stats.gamma.fit(null, floc=0)
+    except (ValueError, RuntimeError, FloatingPointError):  # an ill-posed fit is no evidence
+        return 1.0
+    if not (math.isfinite(shape) and math.isfinite(scale) and shape > 0 and scale > 0):
+        return 1.0
     return _at_least_one(float(stats.gamma.sf(r_max, shape, loc=0, scale=scale)), k)
+
+
+_SAME = 1e-5
+"""Relative spread below which margins count as equal (float32 logits carry about 7 digits)."""
 
 
 def outlier_p_value(r_max: float, null: np.ndarray, k: int, min_spread: float) -> tuple[float, float]:
@@ -571,8 +590,17 @@ def decide(result: MarginResult, settings: DetectSettings | None = None) -> Dete
     null = np.array([result.margins[c] for c in result.null_classes
                      if c != top and math.isfinite(result.margins[c]) and result.margins[c] > 0])
     k = result.num_classes
+    notes = []
+    broken = [c for c in classes if not math.isfinite(result.margins[c])]
+    if broken:
+        notes.append(f"the margin search gave no finite margin for class{'es' if len(broken) > 1 else ''} "
+                     f"{', '.join(map(str, broken[:5]))}{' ...' if len(broken) > 5 else ''} (logits that overflow the "
+                     "model's dtype?), which the test leaves out")
     if not r_max > 0 or not math.isfinite(r_max) or len(null) < 3:
         p_gamma, p_rob, z = 1.0, None, None
+        if math.isfinite(r_max) and r_max > 0:
+            notes.append(f"only {len(null)} other classes reached a positive margin, too few to test class {top} "
+                         "against: the margins give no evidence either way")
     else:
         p_gamma = gamma_p_value(r_max, null, k)
         outlier = outlier_p_value if s.margin_scale == "sd" else robust_p_value
@@ -595,6 +623,7 @@ def decide(result: MarginResult, settings: DetectSettings | None = None) -> Dete
         seconds=result.seconds,
         screen_statistics=result.screen_margins,
         settings=asdict(s),
+        note="; ".join(notes) or None,
     )
 
 
@@ -625,7 +654,7 @@ def _initial_patterns(classes: list[int], shape: tuple[int, int, int], seed: int
     """Random starting patterns drawn per (seed, stage, class), so chunking does not matter."""
     out = torch.empty(len(classes), *shape)
     for i, c in enumerate(classes):
-        g = torch.Generator().manual_seed(((seed * 1_000_003) + c) * 4 + 2 + stage)
+        g = torch.Generator().manual_seed(generator_seed(((seed * 1_000_003) + c) * 4 + 2 + stage))
         out[i] = torch.rand(*shape, generator=g)
     return out
 
@@ -821,8 +850,7 @@ def _add_weight_evidence(det: Detection, ev: WeightEvidence, s: DetectSettings) 
     else:
         det.verdict, det.suspected_target = "clean", None
     if det.verdict == "suspicious" and c.source == "weights":
-        det.note = (
+        det.note = "; ".join(x for x in (
             f"label shift towards class {c.target} in the classifier weights (p {c.p_value:.2g}): what a dirty-label "
             "backdoor leaves, but also what imbalanced training labels leave; the weights alone never make a model "
-            "'backdoored'"
-        )
+            "'backdoored'", det.note) if x)

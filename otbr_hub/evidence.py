@@ -172,7 +172,7 @@ def mean_features(model: nn.Module, spec: InputSpec, seed: int = 0, pixels: int 
         # go through at once, which follows the device's memory
         shape = [1, -1] + [1] * (out.dim() - 2)
         base = (seed * 1_000_003 + layer[id(mod)]) * 1_000_003 + at["start"]
-        noise = torch.stack([torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(base + i))
+        noise = torch.stack([torch.randn(out.shape[1:], generator=torch.Generator().manual_seed((base + i) % 2**63))
                              for i in range(out.shape[0])]).to(device, out.dtype)
         return mod.bias.detach().view(shape) + mod.weight.detach().view(shape) * noise
 

@@ -459,7 +459,11 @@ def _scan_original(detector: Any, work: nn.Module, spec: Any, settings: RepairSe
         release_memory()  # the margin search's activations: RSS would otherwise stay there while fusing
         scan = first.to_dict()
         margins_p = first.p_first if first.p_first is not None else first.p_value
-        if first.verdict != "clean" and margins_p < full.alpha_suspicious:
+        # the margins flag the model as the scan counts them: at their whole level for 'backdoored',
+        # else at half of it when the weight evidence shares the 'suspicious' level (Bonferroni)
+        shared = bool((first.weight_evidence or {}).get("applicable"))
+        level = full.alpha_suspicious / 2 if shared else full.alpha_suspicious
+        if first.verdict != "clean" and (margins_p < full.alpha_backdoored or margins_p < level):
             margins_only = dataclasses.replace(full, weight_evidence=False)
 
             def walk(m: nn.Module) -> tuple[bool, float]:

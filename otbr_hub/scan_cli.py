@@ -172,6 +172,8 @@ def _settings(args: argparse.Namespace) -> Any:
                               ("--max-classes", "max_classes", 3)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UsageError(f"{flag} must be at least {least}, got {getattr(args, name)}")
+    if args.max_classes is not None and args.max_classes >= 3:  # the screen keeps at most max_classes - 1 top classes
+        overrides["screen_top"] = min(DetectSettings.screen_top, args.max_classes - 1)
     try:
         detector = DetectSettings(**overrides)
     except ValueError as err:

@@ -453,7 +453,7 @@ def test_detect_flags_a_dirty_label_head_the_margins_miss() -> None:
     assert det.verdict == "suspicious" and det.note and "imbalanced" in det.note
     assert det.p_first is not None and det.p_first > det.weight_evidence["p_value"]
     clean = detect(BNNet(seed=2), BN_SPEC, FAST)
-    assert clean.verdict == "clean" and clean.note is None, clean
+    assert clean.verdict == "clean" and "imbalanced" not in (clean.note or ""), clean
 
 
 def test_margins_still_make_backdoored_when_the_weights_are_smaller() -> None:
@@ -603,3 +603,55 @@ def test_mean_sd_margin_test_sees_a_tenfold_margin_that_the_mad_form_misses() ->
     assert mad.p_value > 0.01 and mad.verdict != "backdoored"
     with pytest.raises(ValueError, match="margin_scale"):
         DetectSettings(margin_scale="iqr")  # type: ignore[arg-type]
+
+
+# ----- detection review (session 15) ---------------------------------------------------------------------------
+
+
+def test_near_equal_margins_give_no_evidence_instead_of_a_failed_fit_or_p_zero() -> None:
+    from otbr_hub.detect import gamma_p_value
+
+    assert gamma_p_value(16.000002, np.array([16.0] * 8 + [16.0000001]), 10) == 1.0  # was p = 0: 'backdoored'
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # clustered margins of a model that outputs saturated probabilities
+        null = 1.0 - rng.uniform(0, 1e-6, 9)
+        p = gamma_p_value(1.0, null, 10)
+        assert 0.0 <= p <= 1.0
+
+
+def test_large_seeds_the_settings_accept_work_end_to_end() -> None:
+    from tiny import tiny_timm
+
+    spec = InputSpec(channels=1, height=28, width=28, mean=(0.286,), std=(0.353,), num_classes=10)
+    for seed in (20261201, 2**63 - 1):
+        det = detect(tiny_timm(), spec, DetectSettings(seed=seed, steps=2, inputs_per_class=1, device="cpu"))
+        assert det.verdict in ("clean", "suspicious", "backdoored")
+
+
+def test_margins_that_say_nothing_are_noted_not_silently_clean() -> None:
+    broken = decide(MarginResult(margins={**{c: 1.0 + 0.1 * c for c in range(9)}, 9: float("nan")},
+                                 null_classes=list(range(10)), num_classes=10), FAST)
+    assert "no finite margin for class 9" in (broken.note or "")
+    lonely = decide(MarginResult(margins={0: 500.0, 1: 2.0, 2: 1.5, **{c: -0.5 for c in range(3, 10)}},
+                                 null_classes=list(range(10)), num_classes=10), FAST)
+    assert lonely.verdict == "clean" and "too few to test class 0" in (lonely.note or "")
+    plain = decide(MarginResult(margins={c: 1.0 + 0.1 * c for c in range(10)}, null_classes=list(range(10)), num_classes=10), FAST)
+    assert plain.note is None
+
+
+def test_repair_counts_the_margins_as_flagging_at_the_level_the_scan_does(monkeypatch) -> None:
+    """Margins at p 0.03 with the weight evidence at 0.001: the scan says the weights flagged
+    (the margins count at half the 0.05 level), so repair must not walk the ratios by the margins."""
+    import otbr_hub.detect as detect_mod
+    from otbr_hub import repair
+    from otbr_hub.load import from_model
+    from tiny import tiny_timm
+
+    base = decide(MarginResult(margins={c: 1.0 + 0.1 * c for c in range(10)}, null_classes=list(range(10)), num_classes=10))
+    crafted = dataclasses.replace(base, verdict="suspicious", p_value=0.002, p_first=0.03, decided_by="weights",
+                                  suspected_target=2, weight_evidence={"applicable": True, "p_value": 0.001, "top_class": 2})
+    calls: list[int] = []
+    monkeypatch.setattr(detect_mod, "detect", lambda *a, **k: calls.append(1) or crafted)
+    report = repair(from_model(tiny_timm(), input_size=(1, 28, 28)), unlearn_steps=1, unlearn_batch=8, verify_samples=4,
+                    device="cpu").report
+    assert "weight evidence only" in report.ratio_reason and len(calls) == 1  # no ratio walk

@@ -909,3 +909,17 @@ def test_text_from_a_scanned_file_cannot_inject_html_and_paths_stay_inside(tmp_p
     uris = [loc["physicalLocation"]["artifactLocation"]["uri"]
             for r in json.loads(out)["runs"][0]["results"] for loc in r["locations"]]
     assert uris and not any(u.startswith("..") for u in uris), uris
+
+
+def test_small_max_classes_screen_fewer_top_classes(tmp_path: Path, capsys) -> None:
+    """--max-classes 3 or 4 was refused with 'screen_top must be below max_classes', an option
+    the CLI does not have: the screen now keeps at most max_classes - 1 top classes."""
+    from tiny import timm_folder
+
+    folder = timm_folder(tmp_path / "m")
+    for n in ("3", "4"):
+        code = main(["scan", str(folder), "--max-classes", n, "--steps", "2", "--inputs-per-class", "1",
+                     "--format", "json", "-o", str(tmp_path / f"r{n}.json"), "-q", "--fail-on", "none"])
+        assert code == 0, capsys.readouterr().err
+        target = json.loads((tmp_path / f"r{n}.json").read_text())["targets"][0]
+        assert target["verdict"] in ("clean", "suspicious", "backdoored")
