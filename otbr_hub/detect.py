@@ -433,9 +433,9 @@ def _scanning(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Every submodule in eval mode and the model on ``device`` for the scan; both put back."""
     home = model_device(model)
     with eval_mode(model):
-        if device != home:
-            model.to(device)
         try:
+            if device != home:
+                model.to(device)  # inside the try: a move that fails half-way (out of memory) is undone too
             yield
         finally:
             if device != home:
