@@ -257,22 +257,23 @@ def _pixels(arr: np.ndarray) -> torch.Tensor:
     return (t / scale).clamp(0, 1)
 
 
-PAD_FIT = 0.8
-"""Images at least this share of the input's height and width, and no larger, are padded."""
+PAD_MAX = 4
+"""Images at most this many pixels smaller than the input in each direction (and no larger)
+are padded rather than resized: the classic 28 -> 32 px MNIST-style padding."""
 
 
 def _fit_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Fit a batch [N, C, h, w] to (height, width).
 
-    Images slightly smaller than the input (each side at least :data:`PAD_FIT` of it, e.g.
+    Images a few pixels smaller than the input (at most :data:`PAD_MAX` per direction, e.g.
     28 -> 32, as the zoo was trained) get black borders, pixels intact; anything else is
-    resized (antialiased), as an image processor would: a 32 px image in the middle of a
-    224 px black canvas would measure nothing a user cares about.
+    resized (antialiased), as an image processor would: a 200 px image padded to 224 px, or
+    a 32 px one in the middle of a 224 px black canvas, would measure nothing a user cares about.
     """
     h, w = x.shape[-2:]
     if (h, w) == (height, width):
         return x
-    if PAD_FIT * height <= h <= height and PAD_FIT * width <= w <= width:
+    if 0 <= height - h <= PAD_MAX and 0 <= width - w <= PAD_MAX:
         top, left = (height - h) // 2, (width - w) // 2
         return F.pad(x, (left, width - w - left, top, height - h - top))
     return F.interpolate(x, size=(height, width), mode="bilinear", antialias=h > height or w > width,

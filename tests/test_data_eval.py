@@ -483,3 +483,13 @@ def test_a_dataset_is_measured_chunk_by_chunk_with_the_same_numbers(monkeypatch)
         (whole.acc, whole.asr, whole.ra, whole.n_clean, whole.n_triggered)
     x, y = to_tensors(ds, SPEC32)
     assert evaluate(model, SPEC32, (x, y), trigger).acc == pytest.approx(whole.acc)
+
+
+def test_only_a_border_of_a_few_pixels_is_padded() -> None:
+    """28 -> 32 px is padded (the zoo's convention); a 200 px image for a 224 px model is
+    resized, as its image processor would, not framed in 12 px of black."""
+    spec = InputSpec(channels=1, height=224, width=224, mean=(0.5,), std=(0.5,), num_classes=10)
+    x, _ = to_tensors(_image_dataset(n=1, size=200), spec)
+    assert float(x[0, 0, :12].abs().sum()) > 0  # no black band at the top
+    x32, _ = to_tensors(_image_dataset(n=1, size=28), SPEC32)
+    assert x32[:, :, :2].abs().sum() == 0
