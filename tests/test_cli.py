@@ -415,8 +415,10 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path: Path) -> None:
 
     example = Path(__file__).resolve().parents[1] / "examples" / "badnets-resnet"
 
+    # a shell's background job (`make test &`) starts with SIGINT ignored, and Python keeps it so: restore it
     proc = subprocess.Popen([sys.executable, "-m", "otbr_hub", "repair", str(example), "-o", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:  # wait until torch's library is being loaded
