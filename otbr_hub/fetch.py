@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import HubError, OtbrError, UnsupportedModelError, UsageError
-from .load import LoadedModel, load_folder, read_json_object
+from .load import LoadedModel, config_library, load_folder, read_json_object
 
 log = logging.getLogger("otbr_hub")
 
@@ -367,13 +367,8 @@ def _library_hint(info: Any) -> str | None:
 
 def _check_config(repo_id: str, cfg: dict[str, Any], hint: str | None, ref: SourceRef, pipeline_tag: str | None) -> str:
     """Tell timm from transformers by the config itself and refuse what is not an image classifier."""
-    if "architecture" in cfg:
-        library = "timm"
-    elif "architectures" in cfg or "model_type" in cfg:
-        library = "transformers"
-    elif hint in ("timm", "transformers"):
-        library = hint
-    else:
+    library = config_library(cfg) or (hint if hint in ("timm", "transformers") else None)
+    if library is None:
         raise UnsupportedModelError(f"{repo_id}: config.json is neither a timm nor a transformers config")
     if ref.timm_prefix and library != "timm":
         raise UnsupportedModelError(f"{repo_id} is a {library} model; 'hf-hub:' is only for timm repos, drop the prefix")

@@ -261,9 +261,19 @@ def uses_channels_last(model: nn.Module) -> bool:
     it) is remembered and gets contiguous images instead."""
     flag = _CHANNELS_LAST.get(model)
     if flag is None:
-        flag = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        flag = bool(convs) and not any(_channels_last_bug(m) for m in convs)
         _CHANNELS_LAST[model] = flag
     return flag
+
+
+def _channels_last_bug(conv: nn.Conv2d) -> bool:
+    """A layer that torch 2.14's CPU kernels get wrong in channels-last: a 1x1 convolution
+    with stride 2 and 2-7 input channels (the stem's ``conv_scale`` of timm RepVGG and
+    MobileOne) returns a wrong weight gradient (relative error 0.01-2.9 on 2 threads) or
+    corrupts the heap and aborts the process (1 thread). Stride 1 and 3, 3x3 kernels and 1 or
+    8+ channels were exact when measured; such models keep contiguous images and weights."""
+    return tuple(conv.kernel_size) == (1, 1) and 2 in tuple(conv.stride) and 2 <= conv.in_channels <= 7
 
 
 def forward_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -313,6 +323,10 @@ FEATURE_EXTRACTOR = "a timm feature extractor (num_classes is 0), not a classifi
 """Why a timm model built with ``num_classes=0`` (it returns pooled features) is refused."""
 
 
+_NON_IMAGE_INPUTS = ("input_ids", "spatial_shapes")
+"""transformers forward arguments that mean a model is not a plain image classifier."""
+
+
 def check_forward(model: nn.Module, spec: InputSpec) -> None:
     """One eval-mode forward pass of a single blank input, before any real work: a model that
     cannot run on the described input, or does not return ``(batch, num_classes)`` logits,
@@ -320,9 +334,16 @@ def check_forward(model: nn.Module, spec: InputSpec) -> None:
     if library_of(model) == "transformers":
         import inspect
 
-        if "pixel_values" not in inspect.signature(model.forward).parameters:
+        params = inspect.signature(model.forward).parameters
+        if "pixel_values" not in params:
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not take images as pixel_values (its forward reads other inputs), "
+                "so it cannot be repaired or scanned"
+            )
+        extra = [p for p in _NON_IMAGE_INPUTS if p in params]
+        if extra:  # a vision-language model (input_ids) or pre-patchified pixels (Siglip2's spatial_shapes)
+            raise UnsupportedModelError(
+                f"{type(model).__name__} needs more than a batch of images (its forward also reads {', '.join(extra)}), "
                 "so it cannot be repaired or scanned"
             )
     if library_of(model) == "timm" and getattr(model, "num_classes", None) == 0:
@@ -518,19 +539,31 @@ def _state_dict_mismatch(err: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def detect_library(folder: Path) -> Library:
-    """timm folders have ``architecture`` in config.json; transformers ones ``model_type``."""
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise UnsupportedModelError(f"{folder} is not a model folder (no config.json)")
-    cfg = read_json_object(cfg_path)
+def config_library(cfg: dict[str, Any]) -> Library | None:
+    """Which library a ``config.json`` is for: transformers configs name a ``model_type`` (or
+    ``architectures``), timm ones an ``architecture``. ``model_type`` wins: transformers'
+    ``TimmWrapperForImageClassification`` wraps a timm model and its config has both (its
+    weights carry transformers' names, ``timm_model.*``)."""
+    if "model_type" in cfg:
+        return "transformers"
     if "architecture" in cfg:
         return "timm"
-    if "model_type" in cfg or "architectures" in cfg:
+    if "architectures" in cfg:
         return "transformers"
     if cfg.get("library_name") == "timm":
         return "timm"
-    raise UnsupportedModelError(f"{cfg_path} is neither a timm nor a transformers config")
+    return None
+
+
+def detect_library(folder: Path) -> Library:
+    """The library of a model folder, from its config.json (:func:`config_library`)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise UnsupportedModelError(f"{folder} is not a model folder (no config.json)")
+    library = config_library(read_json_object(cfg_path))
+    if library is None:
+        raise UnsupportedModelError(f"{cfg_path} is neither a timm nor a transformers config")
+    return library
 
 
 def load_folder(path: str | Path, *, source: str | None = None, revision: str | None = None,
@@ -568,7 +601,7 @@ def _load_timm(folder: Path) -> LoadedModel:
     import timm
 
     cfg = read_json_object(folder / "config.json")
-    arch = cfg["architecture"]
+    arch = cfg.get("architecture")
     for key, kind in (("model_args", dict), ("pretrained_cfg", dict)):
         if cfg.get(key) is not None and not isinstance(cfg[key], kind):
             raise UnsupportedModelError(f"config.json: '{key}' must be an object, got {type(cfg[key]).__name__}")

@@ -161,8 +161,14 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
             # the input it was repaired for, as timm's export records preprocessing (data_config also
             # drops the architecture's default test_input_size, e.g. 288 px, which would not apply)
             data = {"input_size": (spec.channels, spec.height, spec.width), "mean": tuple(spec.mean), "std": tuple(spec.std)}
-            save_config_for_hf(model, str(folder / "config.json"), model_config={"pretrained_cfg": {"num_classes": spec.num_classes}},
-                               data_config=data, model_args={"act_layer": "relu6"} if relu6 else None)
+            try:
+                save_config_for_hf(model, str(folder / "config.json"),
+                                   model_config={"pretrained_cfg": {"num_classes": spec.num_classes}},
+                                   data_config=data, model_args={"act_layer": "relu6"} if relu6 else None)
+            except ValueError as err:  # a create_model argument that is a Python object, not JSON
+                raise OtbrError(f"cannot write a timm config.json for this model ({err}); build it with names "
+                                "instead of Python objects (e.g. act_layer='silu', not nn.SiLU) to save it as a folder, "
+                                "or save result.model.state_dict() yourself") from None
             cfg = read_json_object(folder / "config.json")
             args = cfg.get("model_args") or {}
             if cfg.get("num_classes") != spec.num_classes or args.get("num_classes", spec.num_classes) != spec.num_classes:

@@ -38,7 +38,7 @@ from .detect import DetectSettings, Detection, detect
 from .errors import OtbrError, UnsupportedModelError, UsageError, error_text
 from .fetch import HubContext, _shards, cached_snapshot, call_hub, hub_context, is_repo_id, parse_source, preflight
 from .inspect import inspect_file, inspect_folder, is_weight_file
-from .load import IN_MEMORY, LoadedModel, check_forward, from_model, has_inference_tensors, load_folder, read_json_object
+from .load import IN_MEMORY, LoadedModel, check_forward, config_library, from_model, has_inference_tensors, load_folder, read_json_object
 from .report import WEIGHT_FILE_ONLY_NOTE, BackdoorEvidence, ScanReport, SourceKind, TargetReport
 
 log = logging.getLogger("otbr_hub")
@@ -180,7 +180,7 @@ def _classifier_problem(config: dict[str, Any]) -> str | None:
     (``ViTModel``) would load into an image-classification class with a random head, so
     the architecture must name an image-classification class, not just a vision backbone.
     """
-    if "architecture" in config:  # timm
+    if config_library(config) == "timm" and "architecture" in config:
         if config.get("num_classes") == 0:
             return "a timm feature extractor (num_classes is 0), not a classifier"
         return None

@@ -650,3 +650,12 @@ def test_an_in_memory_timm_model_saves_the_input_it_was_repaired_for(tmp_path: P
     cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
     assert cfg["input_size"] == [1, 28, 28] and cfg["mean"] == [0.3] and cfg["std"] == [0.4]
     assert not cfg.get("test_input_size")
+
+
+def test_a_timm_model_built_with_python_objects_says_how_to_save_it(tmp_path: Path) -> None:
+    model = timm.create_model("resnet18", act_layer=nn.SiLU, num_classes=10, in_chans=1, layers=[1, 1, 1, 1],
+                              channels=(8, 16, 32, 64), stem_width=8).eval()
+    result = otbr_hub.repair(from_model(model, input_size=(1, 28, 28)), prune_ratio=0.05, **FAST)
+    with pytest.raises(otbr_hub.OtbrError, match="act_layer='silu'"):
+        result.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ sweep these come from."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -17,7 +18,7 @@ import otbr_hub
 from otbr_hub.detect import DetectSettings
 from otbr_hub.errors import OtbrError, UnsupportedModelError
 from otbr_hub.layers import classifier_names, select_layers
-from otbr_hub.load import forward_logits, load_folder
+from otbr_hub.load import forward_logits, from_model, load_folder
 from otbr_hub.prune import prune
 from otbr_hub.save import save_model
 from otbr_hub.scan import ScanSettings, scan
@@ -273,3 +274,70 @@ def test_timm_class_built_without_create_model_cannot_be_saved_as_a_folder(tmp_p
     with pytest.raises(OtbrError, match="not built with timm.create_model"):
         save_model(res.source, res.model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_layers_torch_gets_wrong_in_channels_last_keep_contiguous_layouts() -> None:
+    """torch 2.14's CPU channels-last kernels give a wrong weight gradient (or abort the process)
+    for a 1x1 stride-2 convolution with 2-7 input channels, as in RepVGG's and MobileOne's stems."""
+    from otbr_hub.load import uses_channels_last
+
+    bad = nn.Sequential(nn.Conv2d(3, 8, 1, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    assert not uses_channels_last(bad)
+    assert uses_channels_last(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 8, 1, stride=2)))
+
+
+class _WithConv3d(nn.Module):
+    """A 2-D CNN with a Conv3d inside (timm's lambda layers have one): Module.to refuses to
+    make such a model channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.mix = nn.Conv3d(1, 1, (3, 1, 1), padding=(1, 0, 0))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        x = self.mix(x.unsqueeze(1)).squeeze(1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_model_with_a_conv3d_is_repaired() -> None:
+    result = otbr_hub.repair(from_model(_WithConv3d().eval(), input_size=(3, 16, 16)), unlearn_steps=1, unlearn_batch=4,
+                             verify_samples=4, prune_ratio=0.1, detector=False, device="cpu")
+    assert result.report.verification["ok"]
+
+
+def test_transformers_timm_wrapper_folders_are_transformers_models(tmp_path: Path) -> None:
+    """TimmWrapperForImageClassification's config names a timm architecture *and* a model_type;
+    its weights have transformers' names, so it is a transformers folder."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "TimmWrapperForImageClassification"):
+        pytest.skip("this transformers has no TimmWrapper")
+    from otbr_hub.load import load_folder
+
+    cfg = transformers.TimmWrapperConfig(architecture="resnet18", num_labels=10,
+                                         model_args=dict(layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8))
+    torch.manual_seed(0)
+    transformers.TimmWrapperForImageClassification(cfg).eval().save_pretrained(tmp_path / "tw")
+    loaded = load_folder(tmp_path / "tw")
+    assert loaded.library == "transformers"
+    out = otbr_hub.repair(loaded, input_size=(3, 32, 32), unlearn_steps=1, unlearn_batch=4, verify_samples=4,
+                          prune_ratio=0.05, detector=False, device="cpu").save(tmp_path / "out")
+    again = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
+    assert type(again).__name__ == "TimmWrapperForImageClassification"
+
+
+def test_models_that_need_more_than_images_are_refused_with_the_reason() -> None:
+    """Siglip2 takes pre-patchified pixels with spatial_shapes: 'pass input_size' was false advice."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Siglip2ForImageClassification"):
+        pytest.skip("this transformers has no Siglip2")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                  num_patches=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.Siglip2ForImageClassification(
+        transformers.Siglip2Config(vision_config=vision, text_config=text, num_labels=10)).eval()
+    with pytest.raises(UnsupportedModelError, match="needs more than a batch of images.*spatial_shapes"):
+        otbr_hub.repair(from_model(model, input_size=(3, 32, 32)), detector=False, device="cpu")
