@@ -250,8 +250,12 @@ def _pixels(arr: np.ndarray) -> torch.Tensor:
                          "not images normalised for a model")
     if floating:
         scale = 1.0 if high <= 1.0 else 255.0
-    else:
-        scale = 255.0 if arr.dtype == np.uint8 or high <= 255 else 65535.0
+    elif arr.dtype in (np.uint8, np.int8):
+        scale = 255.0
+    elif arr.dtype in (np.uint16, np.int16):  # 16-bit images: their dtype says the range, dark or not
+        scale = 65535.0
+    else:  # wider integers (PIL's 'I' mode, lists of ints): by their values
+        scale = 255.0 if high <= 255 else 65535.0
     if high > 65535.0 or (floating and high > 255.0):
         raise UsageError(f"an image has values up to {high:.3g}: expected 0..1, 0..255 or 0..65535 pixels")
     return (t / scale).clamp(0, 1)

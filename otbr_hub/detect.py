@@ -486,7 +486,7 @@ def max_margin(model: nn.Module, spec: InputSpec, settings: DetectSettings | Non
                 screen = [sm[c] for c in range(k)]
                 top += [int(c) for c in np.argsort(-np.asarray(screen), kind="stable")[: s.screen_top]]
             rng = np.random.default_rng(s.seed)
-            null = sorted(int(c) for c in rng.choice(k, size=s.max_classes - s.screen_top, replace=False))
+            null = sorted(int(c) for c in rng.choice(k, size=min(k, s.sample_size()), replace=False))
             full = sorted(set(top) | set(null))
             passes.total = passes.done + len(full) * n_in * n_steps  # top and sample may overlap
         margins = _search(model, spec, full, n_in, n_steps, s.lr, s.seed, _STAGE_FULL, device, s.max_batch,

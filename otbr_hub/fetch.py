@@ -501,7 +501,8 @@ def cached_snapshot(ref: SourceRef, ctx: HubContext) -> tuple[Path, str]:
     revision = ref.revision or DEFAULT_REVISION
     missing = HubError(f"offline mode is on (HF_HUB_OFFLINE=1) and {ref.repo_id}@{revision} is not in the cache "
                        f"({ctx.cache_dir or 'default cache'}); run once online first, or unset HF_HUB_OFFLINE")
-    for repo_id in (ref.repo_id, _cached_spelling(ref.repo_id, ctx)):
+    for attempt in range(2):  # the spelling given, then (only if that misses) one the cache holds
+        repo_id = ref.repo_id if attempt == 0 else _cached_spelling(ref.repo_id, ctx)
         if repo_id is None:
             continue
         try:

@@ -189,7 +189,7 @@ def _outside_bias(name: str, mod: nn.Module, named: dict[str, nn.Module]) -> boo
     """A Linear whose per-row bias lives in its parent, not in the layer (timm BEiT and EVA
     keep an attention's ``q_bias`` / ``v_bias`` next to a bias-free ``qkv``): zeroing the
     layer's row would leave the bias, so the neuron would not be removed."""
-    if getattr(mod, "bias", None) is not None or "." not in name and name:
+    if getattr(mod, "bias", None) is not None or ("." not in name and name):
         return False
     parent = named.get(_parent(name))
     return parent is not None and any(isinstance(getattr(parent, b, None), torch.Tensor) for b in ("q_bias", "v_bias"))
@@ -216,14 +216,20 @@ def _norms_by_dataflow(model: nn.Module, spec: InputSpec, layers: list[Layer]) -
     def key(t: torch.Tensor) -> tuple[int, int]:
         return t.untyped_storage().data_ptr(), t.numel()
 
+    versions: dict[tuple[int, int], int] = {}
+
     def on_layer(mod: nn.Module, _inputs: tuple, out: Any) -> None:
         if isinstance(out, torch.Tensor) and out.numel():
             produced[key(out)] = (names[id(mod)], out)
+            versions[key(out)] = out._version
 
     def on_norm(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_mod: nn.Module, inputs: tuple) -> None:
-            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].numel() and key(inputs[0]) in produced:
-                fed.setdefault(produced[key(inputs[0])][0], name)
+            x = inputs[0] if inputs else None
+            # the same data, not changed since the layer wrote it: ``out += shortcut`` keeps the
+            # storage but bumps its version (views share it), and a sum is not this layer's alone
+            if isinstance(x, torch.Tensor) and x.numel() and key(x) in produced and x._version == versions[key(x)]:
+                fed.setdefault(produced[key(x)][0], name)
         return hook
 
     for layer in layers:

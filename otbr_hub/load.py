@@ -78,7 +78,8 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
     # each floating-point tensor's own stored dtype, where they differ from ``dtype`` (an fp16
-    # checkpoint that keeps BatchNorm in fp32): saving casts every tensor back to its own
+    # checkpoint that keeps BatchNorm in fp32): saving casts every tensor back to its own.
+    # Filled for timm folders and in-memory models; a transformers folder is saved in ``dtype``.
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 

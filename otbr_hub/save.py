@@ -136,7 +136,7 @@ def write_folder(source: LoadedModel, model: nn.Module, folder: Path, extra_file
     shard = MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
     model = plain_weights(model)
     if source.library == "transformers":
-        model = _as_dtype(model, source.dtype)
+        model = _as_dtype(model, source.dtype, source.dtypes)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
         _match_label_count(folder / "config.json", source.spec.num_classes)
     else:
@@ -308,13 +308,20 @@ def _write_processor_config(path: Path, spec: Any) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _as_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy in the source dtype (the engine computes in fp32)."""
+def _as_dtype(model: nn.Module, dtype: torch.dtype, dtypes: dict[str, torch.dtype] | None = None) -> nn.Module:
+    """A copy in the source dtype (the engine computes in fp32), with the tensors ``dtypes``
+    names (``LoadedModel.dtypes``: an in-memory model's fp32 norms in an fp16 model) in theirs."""
     import copy
 
-    if next(model.parameters()).dtype == dtype:
+    if next(model.parameters()).dtype == dtype and not dtypes:
         return model
-    return copy.deepcopy(model).to(dtype)
+    out = copy.deepcopy(model).to(dtype)
+    tensors = dict(out.named_parameters())
+    tensors.update(dict(out.named_buffers()))
+    for name, kept in (dtypes or {}).items():
+        if name in tensors and tensors[name].is_floating_point():
+            tensors[name].data = tensors[name].data.to(kept)
+    return out
 
 
 def _shareable(folder: Path) -> None:
@@ -349,18 +356,22 @@ def report_files(source: LoadedModel, report: dict[str, Any], out_dir: str | Pat
 
 
 def check_reloads(source: LoadedModel, model: nn.Module, folder: Path) -> None:
-    """The written folder must rebuild ``model``: same tensor names and shapes when loaded the
-    way timm or transformers would (from its config). A module replaced after the model was
-    built (a head swapped for a ``Sequential``, say) is not in the config, and its folder
-    would fail for every user who tries to load it."""
+    """An in-memory model's written folder must rebuild it: same tensor names and shapes when
+    loaded the way timm or transformers would (from its config). A module replaced after the
+    model was built (a head swapped for a ``Sequential``, say) is not in the config, and its
+    folder would fail for every user who tries to load it. (A folder or Hub source was built
+    from the same config when it was loaded, so it is not loaded a second time.)"""
+    from .errors import error_text
     from .load import load_folder
     from .verify import compare_state_dicts
 
+    if source.folder is not None:  # rebuilt from this very config already when it was loaded
+        return
     try:
         problems = compare_state_dicts(plain_weights(model).state_dict(),
                                        load_folder(folder, inspected=True).model.state_dict(), check_dtype=False)
-    except OtbrError as err:
-        problems = [str(err)]
+    except Exception as err:  # whatever keeps the folder from loading, said in one line
+        problems = [error_text(err)]
     if problems:
         raise OtbrError(f"the saved folder would not rebuild this model from its config ({'; '.join(problems[:2])}): "
                         f"a module changed after the {source.library} model was built cannot be saved in "

@@ -659,3 +659,18 @@ def test_a_timm_model_built_with_python_objects_says_how_to_save_it(tmp_path: Pa
     with pytest.raises(otbr_hub.OtbrError, match="act_layer='silu'"):
         result.save(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_in_memory_transformers_model_keeps_its_mixed_dtypes_on_save(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from tiny import tiny_vit
+
+    model = tiny_vit().half()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
+    out = otbr_hub.repair(from_model(model), prune_ratio=0.05, **FAST).save(tmp_path / "out")
+    saved = load_file(out / "model.safetensors")
+    norms = [k for k in saved if "layernorm" in k]
+    assert norms and all(saved[k].dtype == torch.float32 for k in norms)
+    assert saved["classifier.weight"].dtype == torch.float16

@@ -493,3 +493,9 @@ def test_only_a_border_of_a_few_pixels_is_padded() -> None:
     assert float(x[0, 0, :12].abs().sum()) > 0  # no black band at the top
     x32, _ = to_tensors(_image_dataset(n=1, size=28), SPEC32)
     assert x32[:, :, :2].abs().sum() == 0
+
+
+def test_dark_16_bit_images_are_scaled_by_their_dtype() -> None:
+    from otbr_hub.data import _to_chw
+
+    assert float(_to_chw(np.full((4, 4), 200, np.uint16), 1).max()) == pytest.approx(200 / 65535)

@@ -1065,3 +1065,26 @@ def test_the_batchnorm_attached_to_a_layer_is_the_one_that_reads_its_output() ->
     model = _OddOrder().eval()
     spec = from_model(model, input_size=(1, 8, 8)).spec
     assert [(l.name, l.norm_name) for l in select_layers(model, RepairSettings(), spec)] == [("conv1", "bn1"), ("conv2", "bn2")]
+
+
+class _PreActBlock(nn.Module):
+    """BackdoorBench's PreActBlock: ``out += shortcut`` in place, then the next block's bn1."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        out += x
+        return out
+
+
+def test_a_batchnorm_reading_an_in_place_residual_sum_is_not_attached() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _PreActBlock(8), _PreActBlock(8), nn.BatchNorm2d(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    spec = from_model(model, input_size=(1, 8, 8)).spec
+    attached = {l.name: l.norm_name for l in select_layers(model, RepairSettings(), spec)}
+    assert attached == {"1.conv1": "1.bn2", "1.conv2": None, "2.conv1": "2.bn2", "2.conv2": None}
