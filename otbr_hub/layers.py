@@ -109,11 +109,12 @@ def classifier_name(model: nn.Module) -> str | None:
     for name, mod in named.items():
         if isinstance(mod, _HEADS):
             last = name
-    width = _weight_shape(named[last])[0] if last is not None else None
+    last_shape = _weight_shape(named[last]) if last is not None else None
     for cand in ("classifier", "head", "fc", "head.fc", "classifier.1", "linear"):
         mod = named.get(cand)
+        shape = _weight_shape(mod) if isinstance(mod, _HEADS) else None
         # a hidden layer may be called ``fc`` too: a head gives as many outputs as the last layer
-        if isinstance(mod, _HEADS) and _weight_shape(mod)[0] == width:
+        if shape and (not last_shape or shape[0] == last_shape[0]):
             return cand
     for cand in ("classifier", "head"):  # a head wrapped with a norm or dropout
         mod = named.get(cand)
