@@ -208,29 +208,28 @@ def _norms_by_dataflow(model: nn.Module, spec: InputSpec, layers: list[Layer]) -
     from .load import eval_mode, forward_logits, model_device, model_dtype
 
     names = {id(layer.module): layer.name for layer in layers}
-    # (storage, size) of each layer's output -> (layer, output): a view of it (LeViT flattens
-    # before its BatchNorm1d) is the same data; outputs are kept alive so storages stay unique
-    produced: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
+    # (storage, size) of each layer's output -> (layer, its version then, the output): a view of
+    # it (LeViT flattens before its BatchNorm1d) is the same data; outputs are kept alive so
+    # storages stay unique
+    produced: dict[tuple[int, int], tuple[str, int, torch.Tensor]] = {}
     fed: dict[str, str] = {}
     hooks = []
 
     def key(t: torch.Tensor) -> tuple[int, int]:
         return t.untyped_storage().data_ptr(), t.numel()
 
-    versions: dict[tuple[int, int], int] = {}
-
     def on_layer(mod: nn.Module, _inputs: tuple, out: Any) -> None:
         if isinstance(out, torch.Tensor) and out.numel():
-            produced[key(out)] = (names[id(mod)], out)
-            versions[key(out)] = out._version
+            produced[key(out)] = (names[id(mod)], out._version, out)
 
     def on_norm(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_mod: nn.Module, inputs: tuple) -> None:
             x = inputs[0] if inputs else None
+            entry = produced.get(key(x)) if isinstance(x, torch.Tensor) and x.numel() else None
             # the same data, not changed since the layer wrote it: ``out += shortcut`` keeps the
             # storage but bumps its version (views share it), and a sum is not this layer's alone
-            if isinstance(x, torch.Tensor) and x.numel() and key(x) in produced and x._version == versions[key(x)]:
-                fed.setdefault(produced[key(x)][0], name)
+            if entry is not None and x._version == entry[1]:
+                fed.setdefault(entry[0], name)
         return hook
 
     for layer in layers:
