@@ -516,9 +516,12 @@ def _last_scan(detector: Any) -> dict[str, Any] | None:
 
 def _same_kind(original: nn.Module, repaired: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Return the repaired weights in an object of the input's class, dtype and device."""
+    from .save import fitting_cast
+
     device = next(original.parameters()).device
     out = copy.deepcopy(original)
-    sd = {k: v.to(device=device, dtype=out.state_dict()[k].dtype) for k, v in repaired.state_dict().items()}
+    target = out.state_dict()
+    sd = {k: fitting_cast(k, v, v.to(device=device, dtype=target[k].dtype)) for k, v in repaired.state_dict().items()}
     out.load_state_dict(sd)
     copy_activations(repaired, out)  # ReLU6 where clip_activations bounded the channels
     return out

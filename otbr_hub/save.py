@@ -111,12 +111,7 @@ def _cast_state_dict(model: nn.Module, source: LoadedModel) -> dict[str, torch.T
         v = v.detach()
         if v.is_floating_point():
             dtype = source.dtypes.get(k, source.dtype)
-            cast = v.to("cpu", dtype)
-            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(v).all()):
-                raise OtbrError(f"the repaired tensor {k} does not fit in {str(dtype).replace('torch.', '')}, "
-                                "the dtype the source stores it in (values up to "
-                                f"{v.abs().max().item():.3g}); nothing was saved")
-            v = cast
+            v = fitting_cast(k, v, v.to("cpu", dtype))
         else:
             v = v.cpu()
         ptr = v.untyped_storage().data_ptr() if v.numel() else None
@@ -321,7 +316,22 @@ def _as_dtype(model: nn.Module, dtype: torch.dtype, dtypes: dict[str, torch.dtyp
     for name, kept in (dtypes or {}).items():
         if name in tensors and tensors[name].is_floating_point():
             tensors[name].data = tensors[name].data.to(kept)
+    computed = dict(model.named_parameters())
+    computed.update(dict(model.named_buffers()))
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and name in computed:
+            fitting_cast(name, computed[name], tensor)
     return out
+
+
+def fitting_cast(name: str, computed: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+    """``cast`` (``computed`` in the source's dtype), or an error when the cast overflowed: fusion
+    can move weights past float16's range, and a file of infinities must not be saved."""
+    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(computed).all()):
+        raise OtbrError(f"the repaired tensor {name} does not fit in {str(cast.dtype).replace('torch.', '')}, "
+                        "the dtype the source stores it in (values up to "
+                        f"{computed.abs().max().item():.3g}); nothing was saved")
+    return cast
 
 
 def _shareable(folder: Path) -> None:

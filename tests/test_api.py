@@ -18,6 +18,7 @@ from otbr_hub.detect import DetectSettings
 from otbr_hub.errors import UnsupportedModelError, UsageError
 from otbr_hub.load import check_forward, forward_logits, from_model, load_folder
 from otbr_hub.settings import RepairSettings, preset
+from otbr_hub.save import save_model
 from tiny import timm_folder, tiny_timm
 
 FAST = dict(unlearn_steps=2, unlearn_batch=16, verify_samples=32, device="cpu", detector=False)
@@ -674,3 +675,35 @@ def test_an_in_memory_transformers_model_keeps_its_mixed_dtypes_on_save(tmp_path
     norms = [k for k in saved if "layernorm" in k]
     assert norms and all(saved[k].dtype == torch.float32 for k in norms)
     assert saved["classifier.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("library", ["transformers", "timm"])
+def test_weights_that_overflow_the_source_dtype_are_not_saved(tmp_path: Path, library: str) -> None:
+    """A float16 folder is repaired in float32; weights that left float16's range on the way
+    are refused on save (both save paths) instead of being written as infinities."""
+    from tiny import tiny_vit
+
+    if library == "transformers":
+        half = tiny_vit().half()
+        src = save_model(from_model(half), half, tmp_path / "src")
+    else:
+        src = timm_folder(tmp_path / "src", dtype=torch.float16)
+    result = otbr_hub.repair(str(src), prune_ratio=0.05, **FAST)
+    weight = next(p for n, p in result.model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    assert weight.dtype == torch.float32
+    with torch.no_grad():
+        weight.view(-1)[0] = 1e6
+    with pytest.raises(otbr_hub.OtbrError, match="does not fit in float16"):
+        result.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_in_memory_model_is_not_handed_back_with_overflowed_weights() -> None:
+    from otbr_hub.repair import _same_kind
+
+    original = tiny_timm().half()
+    repaired = tiny_timm()
+    with torch.no_grad():
+        repaired.conv1.weight.view(-1)[0] = 1e6
+    with pytest.raises(otbr_hub.OtbrError, match="conv1.weight does not fit in float16"):
+        _same_kind(original, repaired, torch.float16)
